@@ -1,0 +1,11 @@
+"""arena: a plugin-based framework in which a language model improves by playing games against itself."""
+
+from arena.interfaces import Backend, Env, Game, Judge, Logger, Optimizer, Policy, RoundContext
+from arena.types import Generation, JudgeItem, Role, Sample, Verdict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend", "Env", "Game", "Generation", "Judge", "JudgeItem", "Logger", "Optimizer", "Policy", "Role",
+    "RoundContext", "Sample", "Verdict", "__version__",
+]

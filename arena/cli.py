@@ -1,0 +1,162 @@
+"""The `arena` command: list, play, config, and the commands plugins register.
+
+Bad input (a key, a value, a file, a component name) prints one line naming it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from arena.errors import ArenaError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _registry():
+    from arena.registry import load_registry
+
+    registry = load_registry()
+    for name, error in registry.failed.items():
+        print(f"arena: warning: plugin {name!r} failed to load: {error}", file=sys.stderr)
+    return registry
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from arena.registry import KINDS
+
+    registry = _registry()
+    table = Table(title="arena components", show_lines=False)
+    for col in ("kind", "name", "plugin", "description"):
+        table.add_column(col)
+    for kind in KINDS:
+        for name in registry.names(kind):
+            entry = registry.entries[kind][name]
+            table.add_row(kind, name, entry.plugin, entry.help)
+    for name, command in sorted(registry.commands.items()):
+        table.add_row("command", name, command.plugin, command.help)
+    for name, error in registry.failed.items():
+        table.add_row("[red]failed[/red]", name, name, error)
+    Console(width=max(100, Console().width)).print(table)
+    return 0
+
+
+def _resolve(args: argparse.Namespace, registry, base=None):
+    from arena.config import resolve
+
+    return resolve(registry, args.game, args.config or [], args.overrides or [], base=base)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    registry = _registry()
+    resolved = _resolve(args, registry)
+    if not args.sources:
+        print(resolved.to_yaml(), end="")
+        return 0
+    flat = _flatten(resolved.tree)
+    width = max(len(k) for k in flat)
+    for key, value in flat.items():
+        source = resolved.sources.get(key) or _source_of(key, resolved.sources) or "schema default"
+        print(f"{key.ljust(width)} = {json.dumps(value)}   # {source}")
+    return 0
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def _source_of(key: str, sources: dict) -> str | None:
+    """The layer that set `key` or its nearest parent (a list or mapping set as a whole)."""
+    while "." in key:
+        key = key.rsplit(".", 1)[0]
+        if key in sources:
+            return sources[key]
+    return None
+
+
+def cmd_play(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from arena.loop import play
+
+    registry = _registry()
+    base = None
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise ArenaError(f"--resume {args.resume}: no config.yaml there; expected a run directory")
+        base = OmegaConf.to_container(OmegaConf.load(saved))
+        if base.get("game", {}).get("name") != args.game:
+            raise ArenaError(f"--resume {args.resume}: that run plays {base.get('game', {}).get('name')!r}, "
+                             f"not {args.game!r}")
+    resolved = _resolve(args, registry, base=base)
+    try:
+        run_dir = play(registry, resolved, resume=args.resume)
+    except KeyboardInterrupt:
+        where = resolved.tree["run"]["dir"] or "the run directory"
+        print(f"\narena: interrupted; every finished round is saved. Continue with: "
+              f"arena play {args.game} --resume {args.resume or where}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"run saved in {run_dir}")
+    return 0
+
+
+def build_parser(registry=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arena", description="Self-play training for language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("list", help="every registered game, judge, optimizer, backend and logger")
+    p.set_defaults(func=cmd_list)
+
+    for name, func, help_text in (("play", cmd_play, "play a game: self-play training"),
+                                  ("config", cmd_config, "print the resolved config of a game")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("game", help="the game's name (see `arena list`)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optimizer.lr=3e-6")
+        p.add_argument("--config", action="append", metavar="FILE", help="a YAML config layer (repeatable)")
+        p.set_defaults(func=func)
+    sub.choices["play"].add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    sub.choices["config"].add_argument("--sources", action="store_true", help="show which layer set each value")
+
+    if registry is not None:
+        for name, command in registry.commands.items():
+            if name in sub.choices:
+                continue
+            p = sub.add_parser(name, help=command.help)
+            if command.configure:
+                command.configure(p)
+            p.set_defaults(func=lambda args, _c=command: _c.run(args) or 0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    registry = None
+    if argv and argv[0] not in ("list", "play", "config", "-h", "--help"):
+        from arena.registry import load_registry
+
+        registry = load_registry()  # plugin commands are only needed for other sub-commands
+    try:
+        args = build_parser(registry).parse_args(argv)
+        return args.func(args) or 0
+    except ArenaError as exc:
+        print(f"arena: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

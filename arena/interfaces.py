@@ -1,0 +1,220 @@
+"""The abstract parts a game is built from. A game written against these does not know which backend, judge or
+optimizer it runs with; each of those is chosen in the config and built by the registry.
+
+Every component class declares `Options`, a dataclass: its config schema. The registry validates the user's
+options against it (unknown keys and wrong types fail naming the full key) and passes the validated object to
+the constructor as `cls(options, env)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from arena.types import Generation, JudgeItem, Messages, Role, Sample, Verdict
+
+if TYPE_CHECKING:
+    import torch
+
+    from arena.registry import Registry
+
+
+@dataclass
+class NoOptions:
+    """For components that take no options."""
+
+
+@dataclass
+class Env:
+    """What components share in one run: the resolved config, the registry, the policy and the run's hooks."""
+
+    config: Any
+    registry: "Registry"
+    policy: "Policy | None" = None
+    run: Any = None  # arena.loop.Run while playing: hooks see it
+
+    def build(self, kind: str, spec: Any) -> Any:
+        """Build a nested component (a mix judge builds its parts this way)."""
+        return self.registry.build(kind, spec, self)
+
+
+class Policy(ABC):
+    """The model being trained, as games, judges and optimizers see it.
+
+    `reference=True` anywhere means the frozen reference model (for LoRA: the base with the adapter disabled).
+    """
+
+    generated_tokens: int = 0  # running count, for tokens/s in progress displays
+
+    @abstractmethod
+    def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of chat messages rendered with the model's chat template."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text, no special tokens added."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, special tokens dropped."""
+
+    @abstractmethod
+    def token_id(self, text: str) -> int:
+        """The single token that spells `text` (raises if it takes more than one)."""
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[Messages | list[int]], *, n: int = 1, max_new_tokens: int = 64,
+                 temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                 reference: bool = False) -> list[list[Generation]]:
+        """Sample `n` completions per prompt, all prompts in as few batched calls as memory allows.
+        Returns one list of n Generations per prompt, in prompt order."""
+
+    @abstractmethod
+    def next_token_logprobs(self, prompts: Sequence[list[int]], candidates: Sequence[int], *,
+                            reference: bool = False) -> "torch.Tensor":
+        """Log-probs of each candidate token right after each prompt: a [len(prompts), len(candidates)] tensor.
+        One batched forward pass; constrained-scoring judges read their scores from it."""
+
+    @abstractmethod
+    def sequence_logprobs(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *,
+                          temperature: float = 1.0, reference: bool = False) -> "torch.Tensor":
+        """Per-token log-probs of each completion given its prompt, at `temperature`, as a right-padded
+        [batch, max_completion_len] tensor (padding is 0). Differentiable unless `reference`."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list["torch.nn.Parameter"]:
+        """The parameters an optimizer updates."""
+
+    @abstractmethod
+    def save(self, path: str) -> None:
+        """Write the trained weights (the adapter) to a folder."""
+
+    @abstractmethod
+    def load(self, path: str) -> None:
+        """Read weights written by `save`."""
+
+
+class Backend(Policy, ABC):
+    """A registered provider of a Policy: `backend: {name: hf, ...}` in the config. Built once per run after the
+    model config is known; constructor `cls(options, env)` reads `env.config.model`."""
+
+    Options: ClassVar[type] = NoOptions
+
+
+class Judge(ABC):
+    """Scores responses in batches. Never raises on a response it cannot score: returns an invalid Verdict."""
+
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any, env: Env):
+        self.options = options
+        self.env = env
+
+    @abstractmethod
+    def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        """One Verdict per item, in order."""
+
+
+class Optimizer(ABC):
+    """Turns a round's Samples into one parameter update and returns metrics.
+
+    `consumes` names the kind of samples it can learn from; a game lists what it `produces`, and a pairing
+    that cannot work fails at start-up, before any model is loaded.
+    """
+
+    Options: ClassVar[type] = NoOptions
+    consumes: ClassVar[str] = "rewards"
+
+    def __init__(self, options: Any, env: Env):
+        self.options = options
+        self.env = env
+
+    @abstractmethod
+    def step(self, samples: Sequence[Sample], roles: dict[str, Role]) -> dict[str, float]:
+        """Compute advantages where missing, the loss, step, and return metrics. Roles with `trained=False`
+        contribute no loss."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Game(ABC):
+    """Owns the rules: asks the policy for generations role by role, asks the judge for verdicts, and turns them
+    into rewards. State that must survive a restart goes through `state_dict`/`load_state_dict`.
+
+    `defaults` is the game's config layer, merged over the core defaults: for example
+    `{"judge": "exact_match", "run": {"iterations": 5}}`.
+    """
+
+    Options: ClassVar[type] = NoOptions
+    produces: ClassVar[frozenset[str]] = frozenset({"rewards"})
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, options: Any, env: Env):
+        self.options = options
+        self.env = env
+
+    @property
+    @abstractmethod
+    def roles(self) -> dict[str, Role]:
+        """The roles of this game by name."""
+
+    @abstractmethod
+    def play(self, ctx: "RoundContext") -> list[Sample]:
+        """Run one round and return its Samples with rewards filled in (None for invalid verdicts)."""
+
+    def evaluate(self, ctx: "RoundContext") -> dict[str, float]:
+        """Score held-out work (greedy); keys are logged under `eval/`. Optional."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Logger:
+    """A run observer. Loggers named in `run.loggers` are registered with the plugin manager for the run, so
+    they receive the lifecycle hooks of arena.hookspecs by defining methods with those names."""
+
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any, env: Env):
+        self.options = options
+        self.env = env
+
+
+@dataclass
+class RoundContext:
+    """What a game gets for one round."""
+
+    iteration: int
+    policy: Policy
+    judge: Judge
+    rng: random.Random
+    env: Env
+    metrics: dict[str, float] = field(default_factory=dict)  # a game may add round metrics here
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Mark a phase (generate, judge, ...) for progress displays: calls the phase hooks with tokens/s."""
+        hook = self.env.registry.pm.hook
+        run = self.env.run
+        hook.arena_phase_start(run=run, phase=name)
+        tokens0, t0 = self.policy.generated_tokens, time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - t0
+            tokens = self.policy.generated_tokens - tokens0
+            self.metrics[f"time/{name}"] = self.metrics.get(f"time/{name}", 0.0) + seconds
+            hook.arena_phase_end(run=run, phase=name, seconds=seconds, tokens=tokens)

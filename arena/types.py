@@ -1,0 +1,94 @@
+"""The data that flows through a round: what a model generated (Sample, Generation) and what a judge said (Verdict)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+Messages = list[dict[str, str]]  # chat messages: [{"role": "user", "content": "..."}]
+
+
+@dataclass
+class Role:
+    """A part a model plays in a game: its sampling settings and whether its samples are trained on."""
+
+    name: str
+    trained: bool = True
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class Generation:
+    """One sampled completion with the token ids and the per-token log-probs of the sampling policy.
+
+    `logprobs` are log-softmax(logits / temperature) of the chosen tokens, the same quantity the training forward
+    computes at that temperature, so the importance ratio is exactly 1 at the first step.
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    text: str
+    truncated: bool = False  # hit max_new_tokens before an end-of-sequence token
+
+
+@dataclass
+class Sample:
+    """One generation inside a game, with everything the optimizer and the run store need. JSON-serialisable.
+
+    `reward` is None when the judge's verdict was invalid: such samples are recorded but not trained on.
+    `advantage` is left None for the optimizer to compute from group baselines; a game whose rules define the
+    advantage itself sets it. Samples with the same (role, group) share a baseline.
+    """
+
+    role: str
+    prompt: Messages
+    completion: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    temperature: float = 1.0
+    reward: float | None = None
+    advantage: float | None = None
+    group: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_generation(cls, role: Role, prompt: Messages, gen: Generation, **kw: Any) -> "Sample":
+        return cls(role=role.name, prompt=prompt, completion=gen.text, prompt_ids=gen.prompt_ids,
+                   completion_ids=gen.completion_ids, logprobs=gen.logprobs, temperature=role.temperature,
+                   metadata={"truncated": gen.truncated, **kw.pop("metadata", {})}, **kw)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Sample":
+        return cls(**data)
+
+
+@dataclass
+class JudgeItem:
+    """What a judge scores: the prompt a response answered, the response, and the record's reference if any."""
+
+    prompt: Messages
+    response: str
+    reference: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Verdict:
+    """A judge's score with its details. `valid=False` means the judge could not produce a score (for example it
+    could not parse its own output): the score is then meaningless and must not be trained on."""
+
+    score: float
+    valid: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def invalid(cls, reason: str, **details: Any) -> "Verdict":
+        return cls(score=float("nan"), valid=False, details={"error": reason, **details})

@@ -1,0 +1,208 @@
+"""The `grpo` optimizer: group-relative advantages, a clipped ratio objective and a KL leash to the reference.
+
+One model plays every role, so there is one update per round: each role contributes its own objective (loss
+weight, β) and the losses are summed into one backward pass. Roles with `trained: false` contribute nothing.
+Samples whose reward is None (an invalid verdict) are not trained on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from arena.errors import ConfigError
+from arena.hookspecs import hookimpl
+from arena.interfaces import Env, Optimizer
+from arena.types import Role, Sample
+
+
+@dataclass
+class RoleObjective:
+    weight: float = 1.0  # the role's loss weight (LSP's α for the Challenger)
+    beta: Optional[float] = None  # KL coefficient; None: the optimizer's beta
+
+
+@dataclass
+class GRPOOptions:
+    lr: float = 1e-5
+    beta: float = 0.05  # KL to the reference (k3 estimator); 0 skips the reference pass entirely
+    epsilon: float = 0.2  # ratio clip range [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Optional[float] = None  # None: same as epsilon
+    normalize_std: bool = False  # divide advantages by the group's standard deviation
+    aggregation: str = "token"  # token: mean over all of a role's tokens; sequence: mean per sequence, then over
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    epochs: int = 1  # passes over a round's samples
+    micro_batch_size: int = 16  # sequences per forward/backward; gradients accumulate across micro-batches
+    roles: dict[str, RoleObjective] = field(default_factory=dict)
+
+
+def group_advantages(samples: Sequence[Sample], normalize_std: bool = False, eps: float = 1e-6) -> list[float | None]:
+    """Advantage of each sample: a game-set `advantage` is kept; otherwise reward minus the mean reward of its
+    (role, group), divided by the group's (population) standard deviation when `normalize_std`. Samples with no
+    reward get None. A group of one has advantage 0."""
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for s in samples:
+        if s.advantage is None and s.reward is not None:
+            groups[(s.role, s.group)].append(s.reward)
+    stats = {}
+    for key, rewards in groups.items():
+        mean = sum(rewards) / len(rewards)
+        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+        stats[key] = (mean, std)
+    out: list[float | None] = []
+    for s in samples:
+        if s.advantage is not None:
+            out.append(s.advantage)
+        elif s.reward is None:
+            out.append(None)
+        else:
+            mean, std = stats[(s.role, s.group)]
+            out.append((s.reward - mean) / (std + eps) if normalize_std else s.reward - mean)
+    return out
+
+
+def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                    advantages: torch.Tensor, epsilon_low: float, epsilon_high: float,
+                    beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token loss, KL and clipped flag ([batch, tokens] each) of the clipped-ratio objective with a k3 KL
+    penalty: -min(r·A, clip(r)·A) + β·(exp(ref - logp) - (ref - logp) - 1)."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    was_clipped = (clipped < unclipped).float()
+    if ref_logp is not None and beta:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        loss = loss + beta * kl
+    else:
+        kl = torch.zeros_like(logp)
+    return loss, kl, was_clipped
+
+
+class GRPO(Optimizer):
+    """GRPO-style policy gradient with group baselines, ratio clipping and a KL leash; AdamW."""
+
+    Options = GRPOOptions
+    consumes = "rewards"
+
+    def __init__(self, options: GRPOOptions, env: Env):
+        super().__init__(options, env)
+        if options.aggregation not in ("token", "sequence"):
+            raise ConfigError("aggregation", f"{options.aggregation!r}; expected token or sequence")
+        if options.micro_batch_size < 1 or options.epochs < 1:
+            raise ConfigError("micro_batch_size" if options.micro_batch_size < 1 else "epochs", "must be >= 1")
+        self.policy = env.policy
+        params = self.policy.trainable_parameters()
+        self.torch_optimizer = torch.optim.AdamW(params, lr=options.lr, betas=tuple(options.adam_betas),
+                                                 weight_decay=options.weight_decay)
+        self.params = params
+
+    def _objective(self, role: str) -> tuple[float, float]:
+        obj = self.options.roles.get(role) or RoleObjective()
+        return obj.weight, self.options.beta if obj.beta is None else obj.beta
+
+    def step(self, samples: Sequence[Sample], roles: dict[str, Role]) -> dict[str, float]:
+        o = self.options
+        unknown = sorted(set(o.roles) - set(roles))
+        if unknown:
+            raise ConfigError(f"optimizer.roles.{unknown[0]}", f"no such role; the game's roles are: "
+                                                               f"{', '.join(roles)}")
+        advantages = group_advantages(samples, o.normalize_std)
+        for s, a in zip(samples, advantages):
+            s.advantage = a
+        batch = []
+        for s, a in zip(samples, advantages):
+            role = roles.get(s.role)
+            if role is None or not role.trained or a is None or not s.completion_ids:
+                continue
+            weight, beta = self._objective(s.role)
+            if weight == 0 or (a == 0 and beta == 0):
+                continue  # contributes no gradient: skip its forward and backward
+            batch.append(s)
+        metrics: dict[str, float] = {"train/samples": float(len(batch))}
+        if not batch:
+            metrics["loss"] = 0.0
+            return metrics
+        # denominators fixed up front so micro-batch gradients add up to the exact full-batch gradient
+        denom: dict[str, float] = defaultdict(float)
+        for s in batch:
+            denom[s.role] += len(s.completion_ids) if o.aggregation == "token" else 1.0
+        by_key: dict[tuple[str, float], list[Sample]] = defaultdict(list)
+        for s in batch:
+            by_key[(s.role, s.temperature)].append(s)
+        micro = []
+        for (role, temperature), group in by_key.items():
+            group.sort(key=lambda s: len(s.prompt_ids) + len(s.completion_ids))
+            for i in range(0, len(group), o.micro_batch_size):
+                micro.append((role, temperature, group[i:i + o.micro_batch_size]))
+        refs: list[torch.Tensor | None] = []
+        for role, temperature, mb in micro:
+            beta = self._objective(role)[1]
+            refs.append(self.policy.sequence_logprobs([s.prompt_ids for s in mb], [s.completion_ids for s in mb],
+                                                      temperature=temperature, reference=True) if beta else None)
+        total_loss = 0.0
+        kl_sum: dict[str, float] = defaultdict(float)
+        tok_count: dict[str, float] = defaultdict(float)
+        clip_sum = 0.0
+        grad_norm = 0.0
+        for _ in range(o.epochs):
+            self.torch_optimizer.zero_grad(set_to_none=True)
+            for (role, temperature, mb), ref in zip(micro, refs):
+                weight, beta = self._objective(role)
+                logp = self.policy.sequence_logprobs([s.prompt_ids for s in mb], [s.completion_ids for s in mb],
+                                                     temperature=temperature)
+                width = logp.shape[1]
+                mask = torch.zeros_like(logp)
+                old = torch.zeros_like(logp)
+                for i, s in enumerate(mb):
+                    mask[i, :len(s.completion_ids)] = 1
+                    old[i, :len(s.logprobs)] = torch.tensor(s.logprobs[:width], dtype=logp.dtype)
+                adv = torch.tensor([s.advantage for s in mb], dtype=logp.dtype, device=logp.device)
+                loss_tok, kl, clipped = grpo_token_loss(logp, old.to(logp.device), ref, adv, o.epsilon,
+                                                        o.epsilon if o.epsilon_high is None else o.epsilon_high,
+                                                        beta)
+                mask = mask.to(logp.device)
+                if o.aggregation == "token":
+                    loss = (loss_tok * mask).sum() / denom[role]
+                else:
+                    loss = ((loss_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / denom[role]
+                (weight * loss).backward()
+                total_loss += weight * loss.item()
+                kl_sum[role] += (kl.detach() * mask).sum().item()
+                tok_count[role] += mask.sum().item()
+                clip_sum += (clipped * mask).sum().item()
+            if o.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+            self.torch_optimizer.step()
+        self.torch_optimizer.zero_grad(set_to_none=True)
+        metrics["loss"] = total_loss / o.epochs
+        metrics["grad_norm"] = grad_norm
+        metrics["clip_frac"] = clip_sum / max(1.0, sum(tok_count.values()))
+        for role in kl_sum:
+            metrics[f"kl/{role}"] = kl_sum[role] / max(1.0, tok_count[role])
+        metrics["kl"] = sum(kl_sum.values()) / max(1.0, sum(tok_count.values()))
+        metrics["train/tokens"] = sum(tok_count.values()) / o.epochs
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.torch_optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.torch_optimizer.load_state_dict(state)
+
+
+@hookimpl
+def register_optimizers(register: Any) -> None:
+    register("grpo", GRPO)

@@ -1,0 +1,238 @@
+"""The `hf` backend: transformers generation and training with a LoRA adapter (peft).
+
+The reference policy is the same model with the adapter disabled (exact base logits, no second copy). Sampling
+records log-softmax(logits / T) of each chosen token while generating, so training never recomputes "old"
+log-probs, and the training forward uses the same T so the ratio starts at exactly 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from arena.errors import ConfigError
+from arena.hookspecs import hookimpl
+from arena.interfaces import Backend, Env
+from arena.models import load_causal_lm
+from arena.types import Generation, Messages
+
+
+@dataclass
+class HFOptions:
+    generation_batch_size: int = 64  # sequences per generate call
+    logits_budget_mb: int = 512  # above this, training log-probs are computed in checkpointed row chunks
+
+
+class _LogprobRecorder:
+    """A logits processor that records log p(token) of each sampled token at temperature T. Called before each
+    sampling step, it sees the token chosen at the previous step in `input_ids`; the last step is closed by
+    `finish`. It keeps one [batch, vocab] tensor, not one per step."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, last_tokens[:, None]).squeeze(1))
+            self.previous = None
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(len(last_tokens), 0)
+
+
+def _left_pad(seqs: Sequence[list[int]], pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class HFBackend(Backend):
+    """Transformers + peft LoRA on CPU or GPU; batched sampling with left padding."""
+
+    Options = HFOptions
+
+    def __init__(self, options: HFOptions, env: Env):
+        from peft import LoraConfig, get_peft_model
+
+        self.options = options
+        m = env.config.model
+        model, self.tokenizer, self.device = load_causal_lm(m.path, m.dtype, m.device)
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in m.lora.target_modules if t not in names]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                             if isinstance(mod, torch.nn.Linear)})
+            raise ConfigError("model.lora.target_modules",
+                              f"{missing} not in the model; its linear layers are: {', '.join(linear)}")
+        lora = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                          target_modules=list(m.lora.target_modules), task_type="CAUSAL_LM")
+        self.model = get_peft_model(model, lora)
+        self.model.eval()
+        self.pad_id = self.tokenizer.pad_token_id
+        self.eos_ids = {self.tokenizer.eos_token_id}
+        if isinstance(model.generation_config.eos_token_id, int):
+            self.eos_ids.add(model.generation_config.eos_token_id)
+        elif model.generation_config.eos_token_id:
+            self.eos_ids.update(model.generation_config.eos_token_id)
+        self.generated_tokens = 0
+
+    # -- text ---------------------------------------------------------------------------------------------------
+    def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+        if self.tokenizer.chat_template:
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True, return_dict=True)
+            return list(out["input_ids"])
+        text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+        return self.tokenizer.encode(text + ("\n\nassistant:" if add_generation_prompt else ""))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_id(self, text: str) -> int:
+        ids = self.encode(text)
+        if len(ids) != 1:
+            raise ValueError(f"{text!r} is {len(ids)} tokens for this tokenizer, not one")
+        return ids[0]
+
+    def _adapter(self, reference: bool) -> Any:
+        return self.model.disable_adapter() if reference else contextlib.nullcontext()
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Messages | list[int]], *, n: int = 1, max_new_tokens: int = 64,
+                 temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                 reference: bool = False) -> list[list[Generation]]:
+        encoded = [p if (p and isinstance(p[0], int)) or not p else self.encode_chat(p) for p in prompts]
+        flat = [ids for ids in encoded for _ in range(n)]
+        order = sorted(range(len(flat)), key=lambda k: len(flat[k]))  # similar lengths share a batch: less padding
+        results: list[Generation | None] = [None] * len(flat)
+        step = max(1, self.options.generation_batch_size)
+        for start in range(0, len(order), step):
+            chunk = order[start:start + step]
+            for k, gen in zip(chunk, self._generate_batch([flat[k] for k in chunk], max_new_tokens,
+                                                          temperature, top_p, greedy, reference)):
+                results[k] = gen
+        return [results[i * n:(i + 1) * n] for i in range(len(encoded))]
+
+    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                        greedy: bool, reference: bool) -> list[Generation]:
+        from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        ids, mask = _left_pad(prompts, self.pad_id, self.device)
+        t = 1.0 if greedy else temperature
+        recorder = _LogprobRecorder(t)
+        processors = LogitsProcessorList([recorder])
+        if not greedy:
+            if temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(temperature))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+        config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, top_k=0, top_p=1.0,
+                                  temperature=1.0, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids))
+        with torch.inference_mode(), self._adapter(reference):
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                      logits_processor=processors)
+        new = out[:, ids.shape[1]:].cpu()
+        logprobs = recorder.finish(new[:, -1].to(recorder.previous.device) if recorder.previous is not None
+                                   else new[:, -1]).cpu()
+        gens = []
+        for row, prompt in enumerate(prompts):
+            tokens = new[row].tolist()
+            end = next((i for i, tok in enumerate(tokens) if tok in self.eos_ids), None)
+            length = len(tokens) if end is None else end + 1  # keep the end token: the model learns to stop
+            completion = tokens[:length]
+            gens.append(Generation(prompt_ids=list(prompt), completion_ids=completion,
+                                   logprobs=logprobs[row, :length].tolist(), text=self.decode(completion),
+                                   truncated=end is None))
+            self.generated_tokens += length
+        return gens
+
+    # -- scoring ------------------------------------------------------------------------------------------------
+    def next_token_logprobs(self, prompts: Sequence[list[int]], candidates: Sequence[int], *,
+                            reference: bool = False) -> torch.Tensor:
+        out = []
+        step = max(1, self.options.generation_batch_size)
+        cand = torch.tensor(list(candidates), device=self.device)
+        with torch.inference_mode(), self._adapter(reference):
+            for start in range(0, len(prompts), step):
+                ids, mask = _left_pad(prompts[start:start + step], self.pad_id, self.device)
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                                    logits_to_keep=1).logits[:, -1].float()
+                out.append(torch.log_softmax(logits, dim=-1).index_select(1, cand).cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(candidates))
+
+    def sequence_logprobs(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *,
+                          temperature: float = 1.0, reference: bool = False) -> torch.Tensor:
+        prompt, prompt_mask = _left_pad(prompt_ids, self.pad_id, self.device)
+        width = max(len(c) for c in completion_ids)
+        comp = torch.full((len(completion_ids), width), self.pad_id, dtype=torch.long)
+        comp_mask = torch.zeros_like(comp)
+        for i, c in enumerate(completion_ids):
+            comp[i, :len(c)] = torch.tensor(c)
+            comp_mask[i, :len(c)] = 1
+        comp, comp_mask = comp.to(self.device), comp_mask.to(self.device)
+        ids = torch.cat([prompt, comp], dim=1)
+        mask = torch.cat([prompt_mask, comp_mask], dim=1)
+        p = prompt.shape[1]
+        grad = not reference and torch.is_grad_enabled()
+        base = self.model.get_base_model()
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        with self._adapter(reference), (contextlib.nullcontext() if grad else torch.no_grad()):
+            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                             use_cache=False).last_hidden_state[:, p - 1:p - 1 + width]
+            rows = hidden.shape[0]
+            budget_rows = max(1, int(self.options.logits_budget_mb * 2**20 // (4 * width * head.out_features)))
+            if rows <= budget_rows:
+                out = _token_logprobs(hidden, comp, head, temperature)
+            else:  # recompute each chunk's logits in backward instead of keeping [rows, width, vocab]
+                parts = []
+                for s in range(0, rows, budget_rows):
+                    args = (hidden[s:s + budget_rows], comp[s:s + budget_rows], head, temperature)
+                    parts.append(torch.utils.checkpoint.checkpoint(_token_logprobs, *args, use_reentrant=False)
+                                 if grad else _token_logprobs(*args))
+                out = torch.cat(parts)
+        return out * comp_mask
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save(self, path: str) -> None:
+        self.model.save_pretrained(path)
+
+    def load(self, path: str) -> None:
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, load_peft_weights(path, device=self.device))
+
+
+def _token_logprobs(hidden: torch.Tensor, tokens: torch.Tensor, head: torch.nn.Module,
+                    temperature: float) -> torch.Tensor:
+    logits = head(hidden).float() / temperature
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register("hf", HFBackend)

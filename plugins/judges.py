@@ -1,0 +1,333 @@
+"""Built-in judges: self_reward, llm_judge, reward_model, exact_match and mix.
+
+Prompted judges score in one of two modes. `constrained` (the default) appends the assistant's opening `<Score>`
+to the judge prompt, takes one forward pass and reads the probabilities of the digit tokens: the expected digit
+is the score. It is graded and never unparseable, which matters because a 135M model asked to write
+`<Score>k</Score>` almost never does. `text` lets the judge write freely and parses `<Score>k</Score>`; a reply
+without one is an invalid verdict, never a silent 0.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from arena.errors import ArenaError, ConfigError
+from arena.hookspecs import hookimpl
+from arena.interfaces import Env, Judge, Policy
+from arena.types import JudgeItem, Verdict
+
+SELF_REWARD_TEMPLATE = """Review the user's question and the response below, and score them with this additive \
+7-point scale. Points accumulate for each criterion met.
+
+About the question:
+- Add 1 point if the question is clear, self-contained and answerable.
+- Add 1 point if the question is a meaningful, non-trivial request that tests a capability.
+About the response:
+- Add 1 point if the response is relevant and provides some information related to the question.
+- Add 1 point if it addresses a substantial part of the question, even if incompletely.
+- Add 1 point if it answers the basic elements of the question in a useful way.
+- Add 1 point if it is clearly written from an AI assistant's perspective, directly and comprehensively.
+- Add 1 point if it is impeccably tailored to the question: expert, accurate, concise, with no extraneous content.
+
+<question>{query}</question>
+<response>{response}</response>
+
+Reply with the total as <Score>k</Score>, where k is an integer from 0 to 7."""
+
+LLM_JUDGE_TEMPLATE = """You are a strict judge. Rate how well the response answers the user's request: correct, \
+helpful, relevant and clear. Use an integer from 0 (useless or wrong) to {max_score} (excellent).
+{reference_block}
+<request>{query}</request>
+<response>{response}</response>
+
+Reply with the rating as <Score>k</Score>."""
+
+SCORE_RE = re.compile(r"<Score>\s*(\d+)\s*</Score>", re.IGNORECASE)
+NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _query_text(item: JudgeItem) -> str:
+    users = [m["content"] for m in item.prompt if m.get("role") == "user"]
+    return users[-1] if users else (item.prompt[-1]["content"] if item.prompt else "")
+
+
+def parse_score(text: str, max_score: int) -> int | None:
+    """The last `<Score>k</Score>` in `text` when 0 <= k <= max_score, else None."""
+    found = SCORE_RE.findall(text)
+    if not found:
+        return None
+    k = int(found[-1])
+    return k if 0 <= k <= max_score else None
+
+
+def constrained_scores(policy: Policy, prompts: Sequence[list[int]], max_score: int,
+                       reference: bool = True) -> tuple[list[float], list[list[float]]]:
+    """Expected digit after each prompt (which ends in `<Score>`), and the renormalised digit probabilities."""
+    digits = [policy.token_id(str(k)) for k in range(max_score + 1)]
+    logp = policy.next_token_logprobs(prompts, digits, reference=reference)
+    probs = torch.softmax(logp.float(), dim=-1)
+    values = torch.arange(max_score + 1, dtype=probs.dtype)
+    return (probs @ values).tolist(), probs.tolist()
+
+
+class PromptJudge(Judge):
+    """A judge that prompts a model with a template and reads a 0..max_score score (constrained or text)."""
+
+    max_score = 7
+
+    def __init__(self, options: Any, env: Env, model: Policy | None = None):
+        super().__init__(options, env)
+        if options.mode not in ("constrained", "text"):
+            raise ConfigError("mode", f"{options.mode!r}; expected constrained or text")
+        self.model = model or env.policy
+        if self.model is None:
+            raise ArenaError(f"{type(self).__name__} needs a model: the run's policy was not built")
+        for k in range(self.max_score + 1):
+            try:
+                self.model.token_id(str(k))
+            except ValueError:
+                raise ArenaError(f"{type(self).__name__}: the judge model's tokenizer has no single token for "
+                                 f"the digit {k}; use mode=text") from None
+
+    def render(self, item: JudgeItem) -> str:
+        raise NotImplementedError
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        if not items:
+            return []
+        chats = [[{"role": "user", "content": self.render(item)}] for item in items]
+        if self.options.mode == "constrained":
+            opening = self.model.encode("<Score>")
+            prompts = [self.model.encode_chat(chat) + opening for chat in chats]
+            scores, probs = constrained_scores(self.model, prompts, self.max_score)
+            return [Verdict(s, valid=math.isfinite(s), details={"mode": "constrained",
+                                                                 "probs": [round(p, 4) for p in ps]})
+                    for s, ps in zip(scores, probs)]
+        outs = self.model.generate(chats, n=1, max_new_tokens=self.options.max_new_tokens, greedy=True,
+                                   reference=True)
+        verdicts = []
+        for out in outs:
+            text = out[0].text
+            k = parse_score(text, self.max_score)
+            verdicts.append(Verdict(float(k), details={"mode": "text", "output": text}) if k is not None
+                            else Verdict.invalid("no <Score>k</Score> in the judge's reply", output=text))
+        return verdicts
+
+
+@dataclass
+class SelfRewardOptions:
+    mode: str = "constrained"  # constrained | text
+    max_new_tokens: int = 32  # text mode: the judge's reply length
+    template: Optional[str] = None  # custom prompt with {query} and {response}; default: LSP's 7-point rubric
+
+
+class SelfReward(PromptJudge):
+    """LSP's 7-point additive quality score (0..7) from the reference policy (adapter disabled)."""
+
+    Options = SelfRewardOptions
+
+    def render(self, item: JudgeItem) -> str:
+        return (self.options.template or SELF_REWARD_TEMPLATE).format(query=_query_text(item),
+                                                                      response=item.response)
+
+
+@dataclass
+class LLMJudgeOptions:
+    mode: str = "constrained"  # constrained | text
+    max_new_tokens: int = 32
+    max_score: int = 9  # at most 9: each score must be a single digit token
+    template: Optional[str] = None  # {query}, {response}, {reference_block}, {max_score}
+    model: Optional[str] = None  # a judge model (folder, .gguf, cached name); None: the policy's reference
+
+
+class LLMJudge(PromptJudge):
+    """A general 0..max_score rating prompt for any model: the policy's reference or a model of its own."""
+
+    Options = LLMJudgeOptions
+
+    def __init__(self, options: LLMJudgeOptions, env: Env):
+        if not 1 <= options.max_score <= 9:
+            raise ConfigError("max_score", f"{options.max_score}; expected 1..9 (single digit tokens)")
+        self.max_score = options.max_score
+        model = None
+        if options.model is not None:  # a judge model of its own: an hf backend whose reference is that model
+            from omegaconf import OmegaConf
+
+            model_cfg = {**OmegaConf.to_container(env.config.model), "path": options.model}
+            child = Env(config=OmegaConf.create({"model": model_cfg}), registry=env.registry)
+            model = env.registry.build("backend", {"name": "hf"}, child, "judge.model")
+        super().__init__(options, env, model)
+
+    def render(self, item: JudgeItem) -> str:
+        block = f"<reference_answer>{item.reference}</reference_answer>\n" if item.reference else ""
+        return (self.options.template or LLM_JUDGE_TEMPLATE).format(
+            query=_query_text(item), response=item.response, reference_block=block, max_score=self.max_score)
+
+
+@dataclass
+class RewardModelOptions:
+    path: Optional[str] = None  # an AutoModelForSequenceClassification folder or cached hub name (required)
+    batch_size: int = 8
+    max_length: int = 1024
+    device: str = "auto"
+
+
+class RewardModel(Judge):
+    """Any sequence-classification reward model (e.g. Skywork-Reward-V2); the score is its first logit."""
+
+    Options = RewardModelOptions
+
+    def __init__(self, options: RewardModelOptions, env: Env):
+        super().__init__(options, env)
+        from transformers import AutoModelForSequenceClassification
+
+        from arena.models import load_tokenizer, pick_device, resolve_model_path
+
+        if not options.path:
+            raise ConfigError("path", "required: a reward model folder, e.g. judge: {name: reward_model, "
+                                      "path: ./rm}")
+        source = resolve_model_path(options.path)
+        self.device = pick_device(options.device)
+        try:
+            self.tokenizer = load_tokenizer(source)
+            self.model = AutoModelForSequenceClassification.from_pretrained(str(source), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ArenaError(f"judge.path {options.path}: cannot load a sequence-classification reward model "
+                             f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+                             ) from None
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(self.device).eval()
+
+    def _text(self, item: JudgeItem) -> str:
+        chat = [*item.prompt, {"role": "assistant", "content": item.response}]
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(chat, tokenize=False)
+        return "\n\n".join(f"{m['role']}: {m['content']}" for m in chat)
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        texts = [self._text(item) for item in items]
+        scores: list[float] = []
+        self.tokenizer.padding_side = "right"
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.options.batch_size):
+                enc = self.tokenizer(texts[start:start + self.options.batch_size], return_tensors="pt",
+                                     padding=True, truncation=True, max_length=self.options.max_length,
+                                     add_special_tokens=not self.tokenizer.chat_template).to(self.device)
+                scores += self.model(**enc).logits[:, 0].float().tolist()
+        return [Verdict(s, details={"reward_model": s}) if math.isfinite(s)
+                else Verdict.invalid("the reward model returned a non-finite score") for s in scores]
+
+
+@dataclass
+class ExactMatchOptions:
+    mode: str = "number"  # number: last number; string: normalised text; regex: `pattern` extracts the answer
+    pattern: Optional[str] = None  # regex mode: group 1 (or the whole match) of the last match is the answer
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def _last_number(text: str) -> float | None:
+    found = NUMBER_RE.findall(text.replace(",", ""))
+    return float(found[-1]) if found else None
+
+
+class ExactMatch(Judge):
+    """1.0 when the response's answer equals the record's reference answer, else 0.0."""
+
+    Options = ExactMatchOptions
+
+    def __init__(self, options: ExactMatchOptions, env: Env):
+        super().__init__(options, env)
+        if options.mode not in ("number", "string", "regex"):
+            raise ConfigError("mode", f"{options.mode!r}; expected number, string or regex")
+        self.regex = None
+        if options.mode == "regex":
+            if not options.pattern:
+                raise ConfigError("pattern", "required with mode=regex, e.g. 'answer: (\\S+)'")
+            try:
+                self.regex = re.compile(options.pattern)
+            except re.error as exc:
+                raise ConfigError("pattern", f"not a valid regular expression ({exc})") from None
+
+    def _extract(self, text: str) -> Any:
+        if self.options.mode == "number":
+            return _last_number(text)
+        if self.options.mode == "string":
+            return _normalise(text)
+        matches = list(self.regex.finditer(text))
+        if not matches:
+            return None
+        m = matches[-1]
+        return _normalise(m.group(1) if m.groups() else m.group(0))
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        verdicts = []
+        for item in items:
+            if item.reference is None:
+                verdicts.append(Verdict.invalid("the record has no reference answer to match"))
+                continue
+            want = _last_number(item.reference) if self.options.mode == "number" else _normalise(item.reference)
+            got = self._extract(item.response)
+            hit = got is not None and want is not None and (
+                abs(got - want) < 1e-9 if self.options.mode == "number" else got == want)
+            verdicts.append(Verdict(1.0 if hit else 0.0, details={"extracted": got, "reference": item.reference}))
+        return verdicts
+
+
+@dataclass
+class MixOptions:
+    judges: list[Any] = field(default_factory=list)  # [{name: X, weight: w, ...X's options}, ...]
+
+
+MIX_EXAMPLE = ("judge: {name: mix, judges: [{name: reward_model, path: ./rm, weight: 1.0}, "
+               "{name: self_reward, weight: 0.5}]}")
+
+
+class Mix(Judge):
+    """A weighted sum of judges. Valid only when every part is; each part's score and validity is kept."""
+
+    Options = MixOptions
+
+    def __init__(self, options: MixOptions, env: Env):
+        super().__init__(options, env)
+        if not options.judges:
+            raise ConfigError("judges", f"a mix needs at least one judge, in the form {MIX_EXAMPLE}")
+        self.parts: list[tuple[str, float, Judge]] = []
+        for i, spec in enumerate(options.judges):
+            spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+            weight = spec.pop("weight", 1.0)
+            if not isinstance(weight, (int, float)):
+                raise ConfigError(f"judges.{i}.weight", f"expected a number, got {weight!r}")
+            self.parts.append((str(spec.get("name")), float(weight),
+                               env.registry.build("judge", spec, env, f"judges.{i}")))
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        results = [(name, weight, judge.judge(items)) for name, weight, judge in self.parts]
+        verdicts = []
+        for i in range(len(items)):
+            parts = [{"name": name, "weight": weight, "score": vs[i].score, "valid": vs[i].valid,
+                      "details": vs[i].details} for name, weight, vs in results]
+            valid = all(p["valid"] for p in parts)
+            score = sum(p["weight"] * p["score"] for p in parts) if valid else float("nan")
+            verdicts.append(Verdict(score, valid=valid, details={"components": parts}) if valid else
+                            Verdict(score, valid=False, details={"components": parts,
+                                                                 "error": "a component verdict is invalid"}))
+        return verdicts
+
+
+@hookimpl
+def register_judges(register: Any) -> None:
+    register("self_reward", SelfReward)
+    register("llm_judge", LLMJudge)
+    register("reward_model", RewardModel)
+    register("exact_match", ExactMatch)
+    register("mix", Mix)

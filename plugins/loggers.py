@@ -1,0 +1,103 @@
+"""Built-in loggers: `console` (a live rich status line plus a line per iteration) and `plain` (the lines only,
+for logs and CI). Loggers are plugins registered for the length of a run, so they see every lifecycle hook."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from arena.hookspecs import hookimpl
+from arena.interfaces import Logger
+
+SUMMARY_KEYS = ("kl", "loss", "eval/score")
+
+
+def summary_line(run: Any, step: int, metrics: dict[str, float]) -> str:
+    """`it 3/10  reward/assistant 2.31  kl 0.0012  loss -0.010  eval/score 3.1  12.3s` (mean reward per role)."""
+    parts = [f"it {step}/{run.iterations}"]
+    for key in sorted(k for k in metrics if k.startswith("reward/")):
+        parts.append(f"{key} {metrics[key]:.3f}")
+    for key in sorted(k for k in metrics if k.startswith("invalid/") and metrics[k]):
+        parts.append(f"{key} {int(metrics[key])}")
+    for key in SUMMARY_KEYS:
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.4g}")
+    parts.append(f"{metrics.get('time/iteration', 0.0):.1f}s")
+    return "  ".join(parts)
+
+
+class PlainLogger(Logger):
+    """One line per iteration on stdout, no live display."""
+
+    def _print(self, text: str) -> None:
+        print(text, flush=True)
+
+    @hookimpl
+    def arena_run_start(self, run: Any) -> None:
+        first = "starting" if run.start_iteration == 1 else f"resuming at iteration {run.start_iteration}"
+        self._print(f"{first}: {run.config.game.name} for {run.iterations} iterations in {run.dir}")
+
+    @hookimpl
+    def arena_metrics(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+        self._print(summary_line(run, step, metrics))
+
+    @hookimpl
+    def arena_run_end(self, run: Any, error: BaseException | None) -> None:
+        if isinstance(error, KeyboardInterrupt):
+            print(f"interrupted; continue with: arena play {run.config.game.name} --resume {run.dir}",
+                  file=sys.stderr, flush=True)
+        elif error is not None:
+            print(f"stopped by an error at iteration {run.iteration}; finished rounds are saved; after fixing "
+                  f"it: arena play {run.config.game.name} --resume {run.dir}", file=sys.stderr, flush=True)
+
+
+class ConsoleLogger(PlainLogger):
+    """A live status line (iteration, phase, tokens/s) and a rich line per iteration."""
+
+    def __init__(self, options: Any, env: Any):
+        super().__init__(options, env)
+        from rich.console import Console
+
+        self.console = Console()
+        self.status = None
+        self.last_rate = ""
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def _show(self, run: Any, phase: str) -> None:
+        if self.status is not None:
+            self.status.update(f"iteration {run.iteration}/{run.iterations} · {phase}{self.last_rate}")
+
+    @hookimpl
+    def arena_run_start(self, run: Any) -> None:
+        super().arena_run_start(run)
+        if self.console.is_terminal:
+            self.status = self.console.status("starting")
+            self.status.start()
+
+    @hookimpl
+    def arena_phase_start(self, run: Any, phase: str) -> None:
+        self._show(run, phase)
+
+    @hookimpl
+    def arena_phase_end(self, run: Any, phase: str, seconds: float, tokens: int) -> None:
+        if tokens and seconds > 0:
+            self.last_rate = f" · {tokens / seconds:.0f} tok/s"
+
+    @hookimpl
+    def arena_checkpoint_saved(self, run: Any, iteration: int, path: str) -> None:
+        self._show(run, "checkpoint saved")
+
+    @hookimpl
+    def arena_run_end(self, run: Any, error: BaseException | None) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+        super().arena_run_end(run, error)
+
+
+@hookimpl
+def register_loggers(register: Any) -> None:
+    register("console", ConsoleLogger)
+    register("plain", PlainLogger)
