@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import warnings
 import sys
 from pathlib import Path
 
@@ -143,15 +145,31 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep transformers' progress bars and advice off the console (ARENA_VERBOSE=1 keeps them)."""
+    if os.environ.get("ARENA_VERBOSE"):
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _quiet_libraries()
     registry = None
     if argv and argv[0] not in ("list", "play", "config", "-h", "--help"):
         from arena.registry import load_registry
 
         registry = load_registry()  # plugin commands are only needed for other sub-commands
     try:
-        args = build_parser(registry).parse_args(argv)
+        parser = build_parser(registry)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # key=value overrides may follow options: `play lsp --resume DIR run.iterations=5`
+            if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides = [*(args.overrides or []), *extra]
         return args.func(args) or 0
     except ArenaError as exc:
         print(f"arena: error: {exc}", file=sys.stderr)

@@ -102,6 +102,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
     error: BaseException | None = None
     started = False
     try:
+        seed_everything(cfg.run.seed, 0)  # the adapter's random init must not depend on what ran before
         policy = registry.build("backend", tree["backend"], env)
         env.policy = run.policy = policy
         judge = registry.build("judge", tree["judge"], env)
