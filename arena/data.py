@@ -50,7 +50,8 @@ def sharegpt_pairs() -> list[dict[str, str]]:
     {"prompt", "answer"} records. Extracted once into the cache (the source is 125 MB)."""
     cached = cache_dir() / "data" / "sharegpt-first-turns.jsonl"
     if cached.is_file():
-        return [json.loads(line) for line in cached.read_text(encoding="utf-8").splitlines() if line]
+        # split on "\n" only: str.splitlines also breaks at U+2028 and friends, which ShareGPT text contains
+        return [json.loads(line) for line in cached.read_text(encoding="utf-8").split("\n") if line]
     records = []
     for conv in iter_json_array(_sharegpt_file().read_text(encoding="utf-8")):
         turns = conv.get("conversations") or []
@@ -71,7 +72,7 @@ def load_prompt_file(path: str, key: str = "game.dataset") -> list[dict[str, Any
         raise ArenaError(f"{key} {path}: no such file; expected sharegpt, arithmetic or a JSONL file")
     records = []
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise ArenaError(f"{key} {path}: cannot read it ({exc})") from None
     for number, line in enumerate(lines, 1):

@@ -8,6 +8,7 @@ log-probs, and the training forward uses the same T so the ratio starts at exact
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from arena.types import Generation, Messages
 class HFOptions:
     generation_batch_size: int = 64  # sequences per generate call
     logits_budget_mb: int = 512  # above this, training log-probs are computed in checkpointed row chunks
+    min_shared_prefix: int = 16  # judge prompts sharing at least this many leading tokens reuse their KV cache
 
 
 class _LogprobRecorder:
@@ -59,6 +61,17 @@ def _left_pad(seqs: Sequence[list[int]], pad: int, device: str) -> tuple[torch.T
             ids[i, width - len(s):] = torch.tensor(s)
             mask[i, width - len(s):] = 1
     return ids.to(device), mask.to(device)
+
+
+def _common_prefix(seqs: Sequence[list[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -172,14 +185,32 @@ class HFBackend(Backend):
     # -- scoring ------------------------------------------------------------------------------------------------
     def next_token_logprobs(self, prompts: Sequence[list[int]], candidates: Sequence[int], *,
                             reference: bool = False) -> torch.Tensor:
+        """Judges send many prompts that open with the same long rubric: that shared prefix is run once and its
+        KV cache reused by every row, which cuts a self-reward pass to roughly the length of the varying part."""
         out = []
         step = max(1, self.options.generation_batch_size)
         cand = torch.tensor(list(candidates), device=self.device)
+        prefix = _common_prefix(prompts) if len(prompts) > 1 else 0
+        prefix = min(prefix, min(len(p) for p in prompts) - 1) if prompts else 0  # every row keeps a suffix
         with torch.inference_mode(), self._adapter(reference):
+            cached = None
+            if prefix >= self.options.min_shared_prefix:
+                ids = torch.tensor([list(prompts[0][:prefix])], device=self.device)
+                cached = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
             for start in range(0, len(prompts), step):
-                ids, mask = _left_pad(prompts[start:start + step], self.pad_id, self.device)
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                                    logits_to_keep=1).logits[:, -1].float()
+                rows = prompts[start:start + step]
+                if cached is None:
+                    ids, mask = _left_pad(rows, self.pad_id, self.device)
+                    logits = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                                        logits_to_keep=1).logits[:, -1].float()
+                else:
+                    ids, mask = _left_pad([r[prefix:] for r in rows], self.pad_id, self.device)
+                    full = torch.cat([torch.ones(len(rows), prefix, dtype=mask.dtype, device=mask.device), mask], 1)
+                    cache = copy.deepcopy(cached)
+                    cache.batch_repeat_interleave(len(rows))
+                    logits = self.model(input_ids=ids, attention_mask=full,
+                                        position_ids=_positions(full)[:, prefix:], past_key_values=cache,
+                                        use_cache=True, logits_to_keep=1).logits[:, -1].float()
                 out.append(torch.log_softmax(logits, dim=-1).index_select(1, cand).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(candidates))
 
