@@ -108,9 +108,7 @@ def cmd_play(args: argparse.Namespace) -> int:
     try:
         run_dir = play(registry, resolved, resume=args.resume)
     except KeyboardInterrupt:
-        where = resolved.tree["run"]["dir"] or "the run directory"
-        print(f"\narena: interrupted; every finished round is saved. Continue with: "
-              f"arena play {args.game} --resume {args.resume or where}", file=sys.stderr)
+        print("\narena: interrupted", file=sys.stderr)  # the run's logger says how to resume
         return EXIT_INTERRUPTED
     print(f"run saved in {run_dir}")
     return 0

@@ -84,11 +84,10 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
                           f"but game {cfg.game.name!r} produces {', '.join(sorted(game_entry.obj.produces))}; "
                           "choose an optimizer that consumes one of those")
     store = RunStore(resume if resume else (cfg.run.dir or default_run_dir(cfg.game.name)))
-    if resume:
-        if not store.config_path.is_file():
-            raise ArenaError(f"--resume {store.root}: no config.yaml there; expected a run directory")
-    else:
-        store.create(resolved.to_yaml())
+    if resume and not store.config_path.is_file():
+        raise ArenaError(f"--resume {store.root}: no config.yaml there; expected a run directory")
+    if not resume:
+        store.check_new()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
 
@@ -108,6 +107,8 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
         judge = registry.build("judge", tree["judge"], env)
         game = run.game = registry.build("game", tree["game"], env)
         optimizer = registry.build("optimizer", tree["optimizer"], env)
+        if not resume:  # created only once every component is built: a bad config leaves no folder behind
+            store.create(resolved.to_yaml())
 
         start = 1
         if resume:

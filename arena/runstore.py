@@ -43,10 +43,14 @@ class RunStore:
         self.config_path = self.root / "config.yaml"
         self.checkpoints = self.root / CHECKPOINTS
 
-    def create(self, config_yaml: str) -> None:
-        if self.root.exists() and any(self.root.iterdir()):
+    def check_new(self) -> None:
+        """Refuse to start a run in a folder that holds anything: nothing written before is ever overwritten."""
+        if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
             raise ArenaError(f"run.dir {self.root}: already holds a run; use --resume {self.root} to continue "
                              "it, or choose another run.dir")
+
+    def create(self, config_yaml: str) -> None:
+        self.check_new()
         self.root.mkdir(parents=True, exist_ok=True)
         self.write_config(config_yaml)
 

@@ -112,3 +112,12 @@ def test_missing_prompts_file_is_one_line(tiny_config, tmp_path, capsys):
     assert main(["play", "prompts", *tiny_config, f"game.dataset={tmp_path / 'nope.jsonl'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "game.dataset" in err[0] and "nope.jsonl" in err[0]
+
+
+def test_bad_component_option_leaves_no_run_folder(tiny_config, tmp_path, capsys):
+    """A nested judge's bad key is found while building, before the run folder exists."""
+    spec = "judge={name: mix, judges: [{name: exact_match, mode: nope}]}"
+    assert main(["play", "prompts", *tiny_config, "game.dataset=arithmetic", spec]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "judge.judges.0.mode" in err[0], err
+    assert not (tmp_path / "run").exists()
