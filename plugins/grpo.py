@@ -120,28 +120,31 @@ class GRPO(Optimizer):
         for s, a in zip(samples, advantages):
             s.advantage = a
         batch = []
+        # denominators fixed up front so micro-batch gradients add up to the exact full-batch gradient; they count
+        # every sample the role trains on, including those skipped below because their gradient is zero
+        denom: dict[str, float] = defaultdict(float)
         for s, a in zip(samples, advantages):
             role = roles.get(s.role)
             if role is None or not role.trained or a is None or not s.completion_ids:
                 continue
             weight, beta = self._objective(s.role)
-            if weight == 0 or (a == 0 and beta == 0):
+            if weight == 0:
+                continue
+            denom[s.role] += len(s.completion_ids) if o.aggregation == "token" else 1.0
+            if a == 0 and beta == 0:
                 continue  # contributes no gradient: skip its forward and backward
             batch.append(s)
         metrics: dict[str, float] = {"train/samples": float(len(batch))}
         if not batch:
             metrics["loss"] = 0.0
             return metrics
-        # denominators fixed up front so micro-batch gradients add up to the exact full-batch gradient
-        denom: dict[str, float] = defaultdict(float)
-        for s in batch:
-            denom[s.role] += len(s.completion_ids) if o.aggregation == "token" else 1.0
         by_key: dict[tuple[str, float], list[Sample]] = defaultdict(list)
         for s in batch:
             by_key[(s.role, s.temperature)].append(s)
         micro = []
         for (role, temperature), group in by_key.items():
-            group.sort(key=lambda s: len(s.prompt_ids) + len(s.completion_ids))
+            # one prompt's samples stay in one micro-batch, so the backend runs that prompt once for all of them
+            group.sort(key=lambda s: (len(s.prompt_ids), s.prompt_ids))
             for i in range(0, len(group), o.micro_batch_size):
                 micro.append((role, temperature, group[i:i + o.micro_batch_size]))
         refs: list[torch.Tensor | None] = []

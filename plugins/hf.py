@@ -26,6 +26,7 @@ from arena.types import Generation, Messages
 class HFOptions:
     generation_batch_size: int = 64  # sequences per generate call
     logits_budget_mb: int = 512  # above this, training log-probs are computed in checkpointed row chunks
+    share_prompts: bool = True  # training: completions of one prompt reuse its forward pass
     min_shared_prefix: int = 16  # judge prompts sharing at least this many leading tokens reuse their KV cache
 
 
@@ -216,7 +217,8 @@ class HFBackend(Backend):
 
     def sequence_logprobs(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *,
                           temperature: float = 1.0, reference: bool = False) -> torch.Tensor:
-        prompt, prompt_mask = _left_pad(prompt_ids, self.pad_id, self.device)
+        """Completions of one prompt (a GRPO group) share its forward pass: each distinct prompt runs once and
+        its KV cache is gathered for every row, gradients included (`share_prompts`)."""
         width = max(len(c) for c in completion_ids)
         comp = torch.full((len(completion_ids), width), self.pad_id, dtype=torch.long)
         comp_mask = torch.zeros_like(comp)
@@ -224,15 +226,37 @@ class HFBackend(Backend):
             comp[i, :len(c)] = torch.tensor(c)
             comp_mask[i, :len(c)] = 1
         comp, comp_mask = comp.to(self.device), comp_mask.to(self.device)
-        ids = torch.cat([prompt, comp], dim=1)
-        mask = torch.cat([prompt_mask, comp_mask], dim=1)
-        p = prompt.shape[1]
+        distinct: dict[tuple[int, ...], int] = {}
+        row_prompt = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
+        share = self.options.share_prompts and len(distinct) < len(prompt_ids)
         grad = not reference and torch.is_grad_enabled()
         base = self.model.get_base_model()
         decoder, head = base.get_decoder(), base.get_output_embeddings()
         with self._adapter(reference), (contextlib.nullcontext() if grad else torch.no_grad()):
-            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                             use_cache=False).last_hidden_state[:, p - 1:p - 1 + width]
+            if share:
+                prompt, prompt_mask = _left_pad([list(p) for p in distinct], self.pad_id, self.device)
+                first = decoder(input_ids=prompt, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
+                                use_cache=True)
+                index = torch.tensor(row_prompt, device=self.device)
+                cache = first.past_key_values
+                cache.batch_select_indices(index)  # differentiable gather: gradients reach the shared prompt
+                prompt_mask = prompt_mask.index_select(0, index)
+                mask = torch.cat([prompt_mask, comp_mask], dim=1)
+                last = first.last_hidden_state[:, -1:].index_select(0, index)
+                if width == 1:
+                    hidden = last
+                else:
+                    rest = decoder(input_ids=comp[:, :width - 1], attention_mask=mask[:, :mask.shape[1] - 1],
+                                   position_ids=_positions(mask)[:, prompt.shape[1]:prompt.shape[1] + width - 1],
+                                   past_key_values=cache, use_cache=True).last_hidden_state
+                    hidden = torch.cat([last, rest], dim=1)  # position t predicts completion token t
+            else:
+                prompt, prompt_mask = _left_pad(prompt_ids, self.pad_id, self.device)
+                ids = torch.cat([prompt, comp], dim=1)
+                mask = torch.cat([prompt_mask, comp_mask], dim=1)
+                p = prompt.shape[1]
+                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                                 use_cache=False).last_hidden_state[:, p - 1:p - 1 + width]
             rows = hidden.shape[0]
             budget_rows = max(1, int(self.options.logits_budget_mb * 2**20 // (4 * width * head.out_features)))
             if rows <= budget_rows:
