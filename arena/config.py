@@ -133,7 +133,8 @@ def load_file(path: str) -> dict[str, Any]:
     try:
         data = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
     except Exception as exc:  # noqa: BLE001 - a YAML error of any kind is the user's to fix
-        raise ArenaError(f"--config {path}: not valid YAML ({exc})") from None
+        detail = " ".join(str(exc).split())  # YAML messages span lines; the CLI prints one
+        raise ArenaError(f"--config {path}: not valid YAML ({detail})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -152,15 +153,28 @@ def parse_dotlist(overrides: list[str]) -> dict[str, Any]:
 
 
 def _omegaconf_error(path: str, exc: Exception, schema: Any) -> ConfigError:
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
-    full = f"{path}.{key}" if key else path
+    key = str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or "")
+    full = f"{path}.{key}" if path and key else (key or path)
     if isinstance(exc, ConfigKeyError):
         parent = full.rsplit(".", 1)[0]
-        node = OmegaConf.select(schema, key.rsplit(".", 1)[0]) if "." in str(key) else schema
-        allowed = ", ".join(k for k in node.keys() if k != "name") if isinstance(node, DictConfig) else ""
+        allowed = ", ".join(k for k in _allowed_keys(schema, key) if k != "name")
         return ConfigError(full, f"unknown key under {parent}; allowed keys: {allowed or '(none)'}")
     msg = str(exc).splitlines()[0]
     return ConfigError(full, f"bad value ({msg})")
+
+
+def _allowed_keys(schema: DictConfig, key: str) -> list[str]:
+    """The keys allowed beside `key` (a dotted path in `schema`). Under a `dict[str, SomeDataclass]` field, whose
+    schema node has no entries yet, they are the fields of the element dataclass."""
+    parts = key.split(".")[:-1]
+    node: Any = schema
+    for part in parts:
+        child = node._get_node(part) if isinstance(node, DictConfig) else None
+        if child is None and isinstance(node, DictConfig):
+            element = node._metadata.element_type
+            return [f.name for f in dataclasses.fields(element)] if dataclasses.is_dataclass(element) else []
+        node = child
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
 
 
 def validate(schema_cls: type, data: Any, path: str) -> Any:
@@ -223,10 +237,12 @@ def resolve(registry: Any, game: str, config_files: list[str] = (), overrides: l
     if unknown:
         allowed = ", ".join(["model", "run", *COMPONENTS])
         raise ConfigError(unknown[0], f"unknown top-level key; allowed: {allowed}")
-    if tree.get("game", {}).get("name") != game:
+    if not isinstance(tree.get("game"), dict):
+        raise ConfigError("game", f"expected {{name: {game}, ...options}}, got {tree.get('game')!r}")
+    if tree["game"].get("name") != game:
         raise ConfigError("game.name", f"is {tree['game'].get('name')!r} but the command plays {game!r}")
-    core = validate(CoreOptions, {"model": tree.get("model"), "run": tree.get("run")}, "")
-    tree["model"], tree["run"] = dataclasses.asdict(core.model), dataclasses.asdict(core.run)
+    tree["model"] = dataclasses.asdict(validate(ModelOptions, tree.get("model"), "model"))
+    tree["run"] = dataclasses.asdict(validate(RunOptions, tree.get("run"), "run"))
     for kind in COMPONENTS:
         options, entry = validate_component(registry, kind, tree.get(kind), kind)
         tree[kind] = {"name": entry.name, **dataclasses.asdict(options)}

@@ -93,13 +93,16 @@ class Registry:
                 options = getattr(obj, "Options", None)
                 if options is None or not is_dataclass(options):
                     raise ArenaError(f"{_kind} {name!r} from plugin {plugin_name!r} needs an `Options` dataclass")
-                doc = help or (obj.__doc__ or "").strip().splitlines()[0] if (help or obj.__doc__) else ""
+                doc = help or next(iter((obj.__doc__ or "").strip().splitlines()), "")
                 self.entries[_kind][name] = Entry(name, obj, plugin_name, doc)
 
             impl(register=register)
         impl = getattr(plugin, "register_commands", None)
         if impl is not None:
             def register_command(name: str, run: Callable, help: str = "", configure: Callable | None = None):
+                if name in self.commands:
+                    other = self.commands[name].plugin
+                    raise ArenaError(f"command {name!r} is registered by both {other!r} and {plugin_name!r}")
                 self.commands[name] = Command(name, run, plugin_name, help, configure)
 
             impl(register=register_command)

@@ -162,9 +162,10 @@ class HFBackend(Backend):
                 processors.append(TemperatureLogitsWarper(temperature))
             if top_p < 1.0:
                 processors.append(TopPLogitsWarper(top_p))
-        # temperature and top-p are applied by our own processors, after the recorder has seen the raw logits
-        config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens,
-                                  pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids))
+        # Temperature and top-p are applied by our own processors, after the recorder has seen the raw logits.
+        # top_k=0 explicitly: left unset, generate falls back to a top-50 filter the recorded log-probs ignore.
+        config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, top_k=0, top_p=1.0,
+                                  temperature=1.0, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids))
         with torch.inference_mode(), self._adapter(reference):
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                       logits_processor=processors)

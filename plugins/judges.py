@@ -276,6 +276,9 @@ class ExactMatch(Judge):
                 verdicts.append(Verdict.invalid("the record has no reference answer to match"))
                 continue
             want = _last_number(item.reference) if self.options.mode == "number" else _normalise(item.reference)
+            if want is None:  # the record cannot be matched: the judge's failure, not a 0 for every response
+                verdicts.append(Verdict.invalid("the reference answer has no number", reference=item.reference))
+                continue
             got = self._extract(item.response)
             hit = got is not None and want is not None and (
                 abs(got - want) < 1e-9 if self.options.mode == "number" else got == want)

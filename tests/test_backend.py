@@ -1,0 +1,322 @@
+"""The hf backend on the tiny model: batched generation, the sampling log-probs it records, the reference (adapter
+disabled), chunked log-probs, next-token scoring and adapter save/load, each checked against a direct computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from arena.config import core_defaults
+from arena.errors import ConfigError
+from arena.interfaces import Env
+from arena.registry import load_registry
+
+ATOL = 1e-4
+
+
+def make_env(model_dir, **lora) -> Env:
+    cfg = core_defaults("prompts")
+    cfg["model"]["path"] = str(model_dir)
+    cfg["model"]["lora"].update({"r": 4, **lora})
+    return Env(config=OmegaConf.create(cfg), registry=load_registry())
+
+
+def make_backend(model_dir, perturb: bool = True, **options):
+    from arena.plugins.hf import HFBackend, HFOptions
+
+    backend = HFBackend(HFOptions(**options), make_env(model_dir))
+    if perturb:  # LoRA B starts at zero (policy == reference); make them differ
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for name, p in backend.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    return backend
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    return make_backend(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+
+
+def chats(k: int = 4) -> list[list[dict[str, str]]]:
+    texts = ["Hi", "What is 12 + 30? Answer with the number only.", "Name a colour.",
+             "Write one sentence about the sea, please, and keep it short and simple."]
+    return [[{"role": "user", "content": t}] for t in texts[:k]]
+
+
+def manual_logprobs(model, prompt, completion, temperature=1.0) -> torch.Tensor:
+    """Per-token log-probs of `completion` after `prompt`: one unpadded forward pass, log-softmax(logits / T)."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    positions = range(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    return torch.stack([logp[p, t] for p, t in zip(positions, completion)])
+
+
+def check_generation(policy, gen, prompt_ids, max_new_tokens):
+    assert gen.prompt_ids == prompt_ids
+    assert 1 <= len(gen.completion_ids) <= max_new_tokens
+    assert len(gen.logprobs) == len(gen.completion_ids)
+    assert all(lp <= 0.0 for lp in gen.logprobs)
+    ends = [i for i, t in enumerate(gen.completion_ids) if t in policy.eos_ids]
+    if gen.truncated:
+        assert ends == [] and len(gen.completion_ids) == max_new_tokens
+    else:
+        assert ends == [len(gen.completion_ids) - 1]  # ends at its first EOS, which is kept
+    assert gen.text == policy.decode(gen.completion_ids)
+
+
+# -- generation -----------------------------------------------------------------------------------------------
+
+def test_generate_returns_n_completions_per_prompt_in_order(tiny_model_dir):
+    policy = make_backend(tiny_model_dir, generation_batch_size=5)  # 12 sequences: batches of mixed lengths
+    prompts = [*chats(3), policy.encode("plain token ids as a prompt")]
+    encoded = [policy.encode_chat(p) for p in prompts[:3]] + [prompts[3]]
+    assert len({len(e) for e in encoded}) == 4
+    torch.manual_seed(0)
+    before = policy.generated_tokens
+    out = policy.generate(prompts, n=3, max_new_tokens=6, temperature=1.0)
+    assert len(out) == 4 and all(len(gens) == 3 for gens in out)
+    for ids, gens in zip(encoded, out):
+        for gen in gens:
+            check_generation(policy, gen, ids, 6)
+    assert policy.generated_tokens - before == sum(len(g.completion_ids) for gens in out for g in gens)
+    # sampling: the completions of one prompt are not copies of each other
+    assert len({tuple(g.completion_ids) for g in out[1]}) > 1
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(policy):
+    prompts = chats(4)
+    together = policy.generate(prompts, n=1, max_new_tokens=6, greedy=True)
+    for prompt, (gen,) in zip(prompts, together):
+        (alone,), = policy.generate([prompt], n=1, max_new_tokens=6, greedy=True)
+        assert alone.completion_ids == gen.completion_ids
+        torch.testing.assert_close(torch.tensor(gen.logprobs), torch.tensor(alone.logprobs), atol=ATOL, rtol=0)
+
+
+def with_eos_bias(backend, bias: float):
+    """Add `bias` to the EOS logit (a biased copy of the tied head): the tiny model's logits are otherwise nearly
+    uniform over 49k tokens, so it would never stop."""
+    base = backend.model.get_base_model()
+    old = base.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    head.weight = old.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[backend.tokenizer.eos_token_id] = bias
+    head.bias.requires_grad_(False)
+    base.lm_head = head
+    return backend
+
+
+@pytest.fixture(scope="module")
+def eos_policy(tiny_model_dir):
+    """EOS has probability about 0.1 at every step."""
+    return with_eos_bias(make_backend(tiny_model_dir), 8.6)
+
+
+def test_completion_ends_at_eos_or_is_marked_truncated(eos_policy, policy):
+    torch.manual_seed(0)
+    prompts = chats(2)
+    stopping = eos_policy.generate(prompts, n=8, max_new_tokens=10)
+    running = policy.generate(prompts, n=2, max_new_tokens=4)  # no bias: EOS is practically never sampled
+    for out, backend, limit in ((stopping, eos_policy, 10), (running, policy, 4)):
+        for ids, gens in zip([backend.encode_chat(c) for c in prompts], out):
+            for g in gens:
+                check_generation(backend, g, ids, limit)
+    assert any(not g.truncated and len(g.completion_ids) < 10 for gens in stopping for g in gens)
+    assert all(g.truncated and len(g.completion_ids) == 4 for gens in running for g in gens)
+
+
+def test_sampling_follows_the_recorded_distribution(eos_policy):
+    torch.manual_seed(0)
+    (gens,) = eos_policy.generate(chats(1), n=64, max_new_tokens=1)
+    eos = eos_policy.tokenizer.eos_token_id
+    ((lp_eos,),) = eos_policy.next_token_logprobs([gens[0].prompt_ids], [eos]).tolist()
+    p = float(torch.tensor(lp_eos).exp())
+    assert 0.05 < p < 0.2
+    count = sum(g.completion_ids == [eos] for g in gens)
+    sigma = (64 * p * (1 - p)) ** 0.5
+    assert abs(count - 64 * p) < 5 * sigma + 1, f"EOS sampled {count}/64 times; its probability is {p:.3f}"
+
+
+# -- sampling log-probs -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.9)])
+def test_sampling_logprobs_equal_sequence_logprobs(eos_policy, temperature, top_p):
+    policy = eos_policy  # completions of different lengths, so the training batch pads differently
+    torch.manual_seed(1)
+    out = policy.generate(chats(4), n=2, max_new_tokens=8, temperature=temperature, top_p=top_p)
+    gens = [g for gs in out for g in gs]
+    with torch.no_grad():
+        logp = policy.sequence_logprobs([g.prompt_ids for g in gens], [g.completion_ids for g in gens],
+                                        temperature=temperature)
+    assert logp.shape == (len(gens), max(len(g.completion_ids) for g in gens))
+    for row, g in zip(logp, gens):
+        n = len(g.completion_ids)
+        torch.testing.assert_close(row[:n], torch.tensor(g.logprobs), atol=ATOL, rtol=0)
+        assert torch.all(row[n:] == 0)  # right padding is 0
+    # at another temperature they differ: the temperature is part of the quantity
+    with torch.no_grad():
+        other = policy.sequence_logprobs([gens[0].prompt_ids], [gens[0].completion_ids],
+                                         temperature=temperature + 0.5)
+    assert not torch.allclose(other[0], torch.tensor(gens[0].logprobs), atol=1e-2)
+
+
+def test_reference_generation_records_reference_logprobs(policy):
+    torch.manual_seed(2)
+    out = policy.generate(chats(2), n=2, max_new_tokens=5, reference=True)
+    gens = [g for gs in out for g in gs]
+    with torch.no_grad():
+        ref = policy.sequence_logprobs([g.prompt_ids for g in gens], [g.completion_ids for g in gens],
+                                       reference=True)
+    for row, g in zip(ref, gens):
+        torch.testing.assert_close(row[:len(g.logprobs)], torch.tensor(g.logprobs), atol=ATOL, rtol=0)
+
+
+def test_reference_is_the_base_model(policy, base_model):
+    torch.manual_seed(4)
+    prompts = [policy.encode_chat(c) for c in chats(3)]
+    prompts = [prompts[0], prompts[1], prompts[0], prompts[2]]  # a prompt shared by two completions, as in a group
+    completions = [torch.randint(50, 3000, (k,)).tolist() for k in (3, 7, 5, 1)]
+    with torch.no_grad():
+        ref = policy.sequence_logprobs(prompts, completions, reference=True, temperature=0.8)
+        pol = policy.sequence_logprobs(prompts, completions, temperature=0.8)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        want = manual_logprobs(base_model, p, c, temperature=0.8)
+        torch.testing.assert_close(ref[i, :len(c)], want, atol=ATOL, rtol=0)
+        assert (pol[i, :len(c)] - want).abs().max() > 1e-2  # the adapter is on otherwise
+        torch.testing.assert_close(pol[i, :len(c)], manual_logprobs(policy.model, p, c, temperature=0.8),
+                                   atol=ATOL, rtol=0)
+    assert not ref.requires_grad
+    assert pol.requires_grad is False  # computed under no_grad
+    assert policy.sequence_logprobs(prompts[:1], completions[:1]).requires_grad  # differentiable by default
+
+
+# -- chunked log-probs ----------------------------------------------------------------------------------------
+
+def test_chunked_logits_path_gives_the_same_values_and_gradients(policy):
+    torch.manual_seed(5)
+    prompts = [policy.encode_chat(c) for c in chats(3)]
+    prompts = [prompts[0], prompts[1], prompts[2], prompts[1]]
+    completions = [torch.randint(50, 3000, (k,)).tolist() for k in (4, 9, 1, 6)]
+    weights = torch.randn(4, 9)
+
+    def run(budget_mb):
+        policy.options.logits_budget_mb = budget_mb
+        params = policy.trainable_parameters()
+        for p in params:
+            p.grad = None
+        logp = policy.sequence_logprobs(prompts, completions, temperature=0.9)
+        (logp * weights).sum().backward()
+        grads = [p.grad.detach().clone() for p in params]
+        for p in params:
+            p.grad = None
+        return logp.detach(), grads
+
+    saved = policy.options.logits_budget_mb
+    try:
+        whole, whole_grads = run(10_000)
+        chunked, chunked_grads = run(0)  # one row per chunk, recomputed in backward
+    finally:
+        policy.options.logits_budget_mb = saved
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    assert any(g.abs().max() > 0 for g in whole_grads)
+    a, b = torch.cat([g.flatten() for g in chunked_grads]), torch.cat([g.flatten() for g in whole_grads])
+    assert float((a - b).norm()) < 1e-5 * float(b.norm())
+
+
+# -- next-token scoring ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+@pytest.mark.parametrize("reference", [False, True])
+def test_next_token_logprobs_match_a_manual_forward(tiny_model_dir, base_model, shared_prefix, reference):
+    policy = make_backend(tiny_model_dir, generation_batch_size=2)
+    rubric = policy.encode("Score the answer below from 0 to 7 with care, reading every word of it twice. " * 2)
+    assert len(rubric) >= 32
+    tails = [policy.encode(t) for t in ("Paris.", "It is a city in France, I think.", "No idea", "7")]
+    prompts = [rubric + t for t in tails] if shared_prefix else [t + rubric[:k] for t, k in zip(tails, (3, 9, 1, 5))]
+    candidates = [policy.token_id(str(k)) for k in range(8)] + [policy.tokenizer.eos_token_id]
+    got = policy.next_token_logprobs(prompts, candidates, reference=reference)
+    assert got.shape == (4, 9)
+    model = base_model if reference else policy.model
+    for row, prompt in zip(got, prompts):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt])).logits[0, -1].float()
+        want = torch.log_softmax(logits, dim=-1)[candidates]
+        torch.testing.assert_close(row, want, atol=ATOL, rtol=0)
+    if not reference:
+        ref = policy.next_token_logprobs(prompts, candidates, reference=True)
+        assert (ref - got).abs().max() > 1e-3
+
+
+def test_next_token_logprobs_single_prompt_and_empty(policy):
+    prompt = policy.encode_chat(chats(1)[0])
+    got = policy.next_token_logprobs([prompt], [policy.token_id("3")])
+    with torch.no_grad():
+        want = torch.log_softmax(policy.model(input_ids=torch.tensor([prompt])).logits[0, -1], -1)[
+            policy.token_id("3")]
+    assert got.shape == (1, 1) and abs(float(got[0, 0]) - float(want)) < ATOL
+    assert policy.next_token_logprobs([], [1, 2]).shape == (0, 2)
+
+
+# -- text helpers ---------------------------------------------------------------------------------------------
+
+def test_text_helpers(policy):
+    assert policy.decode(policy.encode("Hello there")) == "Hello there"
+    assert isinstance(policy.token_id("7"), int)
+    with pytest.raises(ValueError):
+        policy.token_id("hello world")
+    ids = policy.encode_chat(chats(1)[0])
+    assert policy.decode(ids[-3:]).strip().endswith("assistant")  # ends with the generation prompt
+    assert policy.encode_chat(chats(1)[0], add_generation_prompt=False) != ids
+
+
+def test_unknown_lora_target_names_the_key(tiny_model_dir):
+    from arena.plugins.hf import HFBackend, HFOptions
+
+    with pytest.raises(ConfigError) as exc:
+        HFBackend(HFOptions(), make_env(tiny_model_dir, target_modules=["q_proj", "qkv"]))
+    assert exc.value.path == "model.lora.target_modules"
+    assert "qkv" in str(exc.value) and "o_proj" in str(exc.value)
+
+
+# -- save / load ----------------------------------------------------------------------------------------------
+
+def test_save_load_round_trips_the_adapter(tiny_model_dir, tmp_path):
+    policy = make_backend(tiny_model_dir)
+    prompts = [policy.encode_chat(c) for c in chats(2)]
+    completions = [[100, 200, 300], [400, 500]]
+    with torch.no_grad():
+        saved = policy.sequence_logprobs(prompts, completions)
+    policy.save(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    with torch.no_grad():  # train-like drift
+        for p in policy.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        drifted = policy.sequence_logprobs(prompts, completions)
+    assert (drifted - saved).abs().max() > 1e-3
+    policy.load(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(policy.sequence_logprobs(prompts, completions), saved, atol=1e-6, rtol=0)
+
+    fresh = make_backend(tiny_model_dir, perturb=False)  # a new process resuming the run
+    with torch.no_grad():
+        assert (fresh.sequence_logprobs(prompts, completions) - saved).abs().max() > 1e-3
+        fresh.load(str(tmp_path / "adapter"))
+        torch.testing.assert_close(fresh.sequence_logprobs(prompts, completions), saved, atol=1e-6, rtol=0)
+        torch.testing.assert_close(fresh.sequence_logprobs(prompts, completions, reference=True),
+                                   policy.sequence_logprobs(prompts, completions, reference=True), atol=1e-6,
+                                   rtol=0)
