@@ -200,8 +200,11 @@ def validate_component(registry: Any, kind: str, spec: Any, path: str) -> tuple[
     if "name" not in spec:
         raise ConfigError(f"{path}.name", f"missing; expected one of: {', '.join(registry.names(kind))}")
     entry = registry.get(kind, spec["name"], path)
-    options = {k: v for k, v in spec.items() if k != "name"}
-    return validate(entry.obj.Options, options, path), entry
+    options = validate(entry.obj.Options, {k: v for k, v in spec.items() if k != "name"}, path)
+    check = getattr(entry.obj, "check_options", None)
+    if check is not None:  # a component holding components (a mix) validates them here, before any model loads
+        check(options, registry, path)
+    return options, entry
 
 
 @dataclass
@@ -229,8 +232,8 @@ def resolve(registry: Any, game: str, config_files: list[str] = (), overrides: l
     else:
         layers = [("run config", base)]
     layers += [(f"--config {f}", load_file(f)) for f in config_files]
-    if overrides:
-        layers.append(("command line", parse_dotlist(list(overrides))))
+    # one layer per item, so `judge=exact_match judge.mode=string` names the judge before setting its option
+    layers += [("command line", parse_dotlist([item])) for item in overrides]
     tree, sources = merge_layers(layers)
 
     unknown = sorted(set(tree) - {"model", "run", *COMPONENTS})

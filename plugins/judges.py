@@ -300,18 +300,38 @@ class Mix(Judge):
 
     Options = MixOptions
 
-    def __init__(self, options: MixOptions, env: Env):
-        super().__init__(options, env)
+    @staticmethod
+    def _parts(options: MixOptions) -> list[tuple[int, dict[str, Any], float]]:
         if not options.judges:
             raise ConfigError("judges", f"a mix needs at least one judge, in the form {MIX_EXAMPLE}")
-        self.parts: list[tuple[str, float, Judge]] = []
+        parts = []
         for i, spec in enumerate(options.judges):
-            spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+            spec = {"name": spec} if isinstance(spec, str) else dict(spec) if isinstance(spec, dict) else spec
+            if not isinstance(spec, dict):
+                raise ConfigError(f"judges.{i}", f"expected a judge name or {{name: ..., weight: ...}}, got {spec!r}")
             weight = spec.pop("weight", 1.0)
-            if not isinstance(weight, (int, float)):
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool):
                 raise ConfigError(f"judges.{i}.weight", f"expected a number, got {weight!r}")
-            self.parts.append((str(spec.get("name")), float(weight),
-                               env.registry.build("judge", spec, env, f"judges.{i}")))
+            parts.append((i, spec, float(weight)))
+        return parts
+
+    @classmethod
+    def check_options(cls, options: MixOptions, registry: Any, path: str) -> None:
+        """Validate every part at config time, so `arena config` and start-up catch a bad part."""
+        from arena.config import validate_component
+
+        try:
+            parts = cls._parts(options)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}.{exc.path}", exc.detail) from None
+        for i, spec, _ in parts:
+            validate_component(registry, "judge", spec, f"{path}.judges.{i}")
+
+    def __init__(self, options: MixOptions, env: Env):
+        super().__init__(options, env)
+        self.parts: list[tuple[str, float, Judge]] = [
+            (str(spec["name"]), weight, env.registry.build("judge", spec, env, f"judges.{i}"))
+            for i, spec, weight in self._parts(options)]
 
     def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         results = [(name, weight, judge.judge(items)) for name, weight, judge in self.parts]

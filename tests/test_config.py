@@ -402,3 +402,25 @@ def test_a_start_up_error_leaves_no_run_directory(capsys, tiny_config, tmp_path)
     assert rc == 2, err
     run_dir = tmp_path / "run"
     assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def test_component_named_then_configured_in_one_command_line():
+    """`judge=exact_match judge.mode=string` names the judge, then sets its option (one layer per item)."""
+    from arena.config import resolve
+    from arena.registry import load_registry
+
+    resolved = resolve(load_registry(), "prompts", [], ["judge=exact_match", "judge.mode=string"])
+    assert resolved.tree["judge"]["name"] == "exact_match" and resolved.tree["judge"]["mode"] == "string"
+
+
+def test_mix_parts_are_validated_when_resolving():
+    from arena.config import resolve
+    from arena.errors import ConfigError
+    from arena.registry import load_registry
+
+    with pytest.raises(ConfigError) as err:
+        resolve(load_registry(), "prompts", [], ["judge.name=mix", "judge.judges=[{name: exact_match, mdoe: 1}]"])
+    assert err.value.path == "judge.judges.0.mdoe"
+    with pytest.raises(ConfigError) as err:
+        resolve(load_registry(), "prompts", [], ["judge={name: mix, judges: [{name: mix, judges: [nope]}]}"])
+    assert err.value.path == "judge.judges.0.judges.0.name"
