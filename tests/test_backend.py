@@ -12,27 +12,9 @@ from arena.errors import ConfigError
 from arena.interfaces import Env
 from arena.registry import load_registry
 
+from tiny import make_backend, make_env
+
 ATOL = 1e-4
-
-
-def make_env(model_dir, **lora) -> Env:
-    cfg = core_defaults("prompts")
-    cfg["model"]["path"] = str(model_dir)
-    cfg["model"]["lora"].update({"r": 4, **lora})
-    return Env(config=OmegaConf.create(cfg), registry=load_registry())
-
-
-def make_backend(model_dir, perturb: bool = True, **options):
-    from arena.plugins.hf import HFBackend, HFOptions
-
-    backend = HFBackend(HFOptions(**options), make_env(model_dir))
-    if perturb:  # LoRA B starts at zero (policy == reference); make them differ
-        torch.manual_seed(3)
-        with torch.no_grad():
-            for name, p in backend.model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.5)
-    return backend
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,10 @@
-"""The shared-prefix KV reuse of next_token_logprobs gives the same log-probs as the plain batched pass."""
+"""The shared-prefix KV reuse of the hf backend (judges' next-token scoring, training's shared prompts) gives the
+same values and gradients as the plain padded passes."""
 
 import torch
-from omegaconf import OmegaConf
 
-from arena.config import core_defaults
-from arena.interfaces import Env
-from arena.plugins.hf import HFBackend, HFOptions, _common_prefix
-from arena.registry import load_registry
+from arena.plugins.hf import _common_prefix
+from tiny import make_backend
 
 
 def test_common_prefix():
@@ -15,14 +13,7 @@ def test_common_prefix():
 
 
 def test_shared_prefix_matches_plain_pass(tiny_model_dir):
-    cfg = core_defaults("prompts")
-    cfg["model"]["path"] = str(tiny_model_dir)
-    env = Env(config=OmegaConf.create(cfg), registry=load_registry())
-    backend = HFBackend(HFOptions(generation_batch_size=3), env)
-    with torch.no_grad():  # make the adapter matter, so policy and reference differ
-        for name, p in backend.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    backend = make_backend(tiny_model_dir, generation_batch_size=3)
     rubric = backend.encode_chat([{"role": "user", "content": "Score this answer carefully. " * 8 + "X"}])
     prompts = [rubric + backend.encode(f" answer number {i}" + " more" * i) for i in range(7)]
     candidates = [backend.token_id(str(k)) for k in range(8)]
@@ -38,14 +29,7 @@ def test_shared_prefix_matches_plain_pass(tiny_model_dir):
 
 def test_shared_prompt_training_pass_matches_plain(tiny_model_dir):
     """Rows sharing a prompt reuse its forward pass; values and gradients equal the plain padded pass."""
-    cfg = core_defaults("prompts")
-    cfg["model"]["path"] = str(tiny_model_dir)
-    env = Env(config=OmegaConf.create(cfg), registry=load_registry())
-    backend = HFBackend(HFOptions(), env)
-    with torch.no_grad():
-        for name, p in backend.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    backend = make_backend(tiny_model_dir)
     a = backend.encode_chat([{"role": "user", "content": "first prompt, a longer one"}])
     b = backend.encode_chat([{"role": "user", "content": "second"}])
     prompts = [a, a, b, a, b]
@@ -62,14 +46,13 @@ def test_shared_prompt_training_pass_matches_plain(tiny_model_dir):
         results[share] = (out.detach(), ref, [p.grad.clone() for p in params])
     (o0, r0, g0), (o1, r1, g1) = results[False], results[True]
     assert torch.allclose(o0, o1, atol=1e-5) and torch.allclose(r0, r1, atol=1e-5)
-    assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(g0, g1))
+    worst = max(((x - y).abs().max() / (x.abs().max() + 1e-12)).item() for x, y in zip(g0, g1))
+    assert worst < 1e-4, worst
     assert (o1[3, 1:] == 0).all() and (o1[3, 0] != 0), "padding positions are zero, real ones are not"
 
 
 def test_shared_prompt_with_one_token_completions(tiny_model_dir):
-    cfg = core_defaults("prompts")
-    cfg["model"]["path"] = str(tiny_model_dir)
-    backend = HFBackend(HFOptions(), Env(config=OmegaConf.create(cfg), registry=load_registry()))
+    backend = make_backend(tiny_model_dir, perturb=False)
     a = backend.encode_chat([{"role": "user", "content": "hi"}])
     backend.options.share_prompts = True
     shared = backend.sequence_logprobs([a, a], [[5], [6]], reference=True)

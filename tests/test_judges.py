@@ -31,6 +31,7 @@ from arena.plugins.judges import (
 )
 from arena.registry import Entry, load_registry
 from arena.types import Generation, JudgeItem, Verdict
+from tiny import make_backend
 
 
 def item(response: str, reference: str | None = None, question: str = "What is 40 + 2?") -> JudgeItem:
@@ -149,15 +150,7 @@ def test_prompted_judge_needs_single_token_digits():
 
 @pytest.fixture(scope="module")
 def policy(tiny_model_dir):
-    from arena.plugins.hf import HFBackend, HFOptions
-
-    backend = HFBackend(HFOptions(), env_with(model_path=tiny_model_dir))
-    torch.manual_seed(11)
-    with torch.no_grad():
-        for name, p in backend.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return backend
+    return make_backend(tiny_model_dir, seed=11)
 
 
 def expected_scores(model, texts: list[str], max_score: int, reference: bool = True):

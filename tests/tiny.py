@@ -1,0 +1,30 @@
+"""Building blocks for tests on the tiny random model (tests/ is on sys.path: `from tiny import make_backend`)."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+
+from arena.config import core_defaults
+from arena.interfaces import Env
+from arena.registry import load_registry
+
+
+def make_env(model_dir, **lora) -> Env:
+    cfg = core_defaults("prompts")
+    cfg["model"]["path"] = str(model_dir)
+    cfg["model"]["lora"].update({"r": 4, **lora})
+    return Env(config=OmegaConf.create(cfg), registry=load_registry())
+
+
+def make_backend(model_dir, perturb: bool = True, seed: int = 3, **options):
+    from arena.plugins.hf import HFBackend, HFOptions
+
+    backend = HFBackend(HFOptions(**options), make_env(model_dir))
+    if perturb:  # LoRA B starts at zero (policy == reference); make them differ
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in backend.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    return backend
