@@ -107,11 +107,27 @@ def pick_device(device: str) -> str:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bfloat16 instructions (AVX512-BF16 or AMX), where bf16 matmuls are faster than fp32;
+    elsewhere oneDNN emulates bf16 and float32 is the better choice."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def pick_dtype(dtype: str, device: str) -> Any:
     import torch
 
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype == "auto":  # bf16 on GPUs and on CPUs that compute it natively (benchmarks/grpo_step.py)
+        if device.startswith("cuda") or (device == "cpu" and cpu_has_native_bf16()):
+            return torch.bfloat16
+        return torch.float32
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in table:
         raise ArenaError(f"model.dtype {dtype!r}: expected one of auto, {', '.join(table)}")

@@ -302,3 +302,21 @@ def test_save_load_round_trips_the_adapter(tiny_model_dir, tmp_path):
         torch.testing.assert_close(fresh.sequence_logprobs(prompts, completions, reference=True),
                                    policy.sequence_logprobs(prompts, completions, reference=True), atol=1e-6,
                                    rtol=0)
+
+
+def test_bfloat16_backend_samples_and_trains(tiny_model_dir):
+    """model.dtype=bfloat16 (the CPU default where bf16 is native): sampling log-probs agree with the training
+    forward to bf16 precision, and a backward pass reaches the float32 adapter."""
+    from arena.plugins.hf import HFBackend, HFOptions
+
+    env = make_env(tiny_model_dir)
+    env.config.model.dtype = "bfloat16"
+    policy = HFBackend(HFOptions(), env)
+    assert policy.model.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    (gens,) = policy.generate(chats(1), n=3, max_new_tokens=5)
+    logp = policy.sequence_logprobs([g.prompt_ids for g in gens], [g.completion_ids for g in gens])
+    for row, g in enumerate(gens):
+        assert torch.allclose(logp[row, :len(g.logprobs)].float(), torch.tensor(g.logprobs), atol=0.1)
+    logp.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())

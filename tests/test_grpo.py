@@ -8,14 +8,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from arena.config import core_defaults
 from arena.errors import ConfigError
 from arena.interfaces import Env
 from arena.plugins.grpo import GRPO, GRPOOptions, RoleObjective, group_advantages, grpo_token_loss
 from arena.registry import load_registry
 from arena.types import Role, Sample
+from tiny import make_backend
 
 
 def S(reward, group="g", role="a", advantage=None) -> Sample:
@@ -101,13 +100,7 @@ def test_k3_kl_penalty():
 
 @pytest.fixture(scope="module")
 def policy(tiny_model_dir):
-    from arena.plugins.hf import HFBackend, HFOptions
-
-    cfg = core_defaults("prompts")
-    cfg["model"]["path"] = str(tiny_model_dir)
-    cfg["model"]["lora"]["r"] = 4
-    env = Env(config=OmegaConf.create(cfg), registry=load_registry())
-    backend = HFBackend(HFOptions(), env)
+    backend = make_backend(tiny_model_dir, perturb=False)
     torch.manual_seed(1)
     with torch.no_grad():  # policy != reference, and lora_A receives gradients
         for name, p in backend.model.named_parameters():

@@ -42,6 +42,7 @@ def item(response: str, reference: str | None = None, question: str = "What is 4
 def env_with(policy=None, registry=None, model_path=None) -> Env:
     cfg = core_defaults("prompts")
     cfg["model"]["path"] = None if model_path is None else str(model_path)
+    cfg["model"]["dtype"] = "float32"  # exact comparisons
     cfg["model"]["lora"]["r"] = 4
     return Env(config=OmegaConf.create(cfg), registry=registry or load_registry(), policy=policy)
 

@@ -13,6 +13,7 @@ from arena.registry import load_registry
 def make_env(model_dir, **lora) -> Env:
     cfg = core_defaults("prompts")
     cfg["model"]["path"] = str(model_dir)
+    cfg["model"]["dtype"] = "float32"  # exact comparisons; bf16 has its own test
     cfg["model"]["lora"].update({"r": 4, **lora})
     return Env(config=OmegaConf.create(cfg), registry=load_registry())
 
