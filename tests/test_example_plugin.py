@@ -137,10 +137,9 @@ def test_play_mirror_on_the_embedded_model(example, tmp_path):
                  cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     samples, metrics = _check_run(run_dir, lists=2, copies=2)
-    # the real model is asked to repeat a short list: it gets some words right, a random model would not
-    copier = [s["reward"] for s in samples if s["role"] == "copier"]
-    assert sum(copier) / len(copier) > 0.1, copier
-    assert metrics[-1]["eval/f1"] > 0.1
+    # the real model, asked greedily to repeat held-out lists, gets most words right; a random model would not.
+    # (Sampled copies at temperature 1 are too few here to say anything: 8 of them all scored 0 in one run.)
+    assert metrics[-1]["eval/f1"] > 0.3, metrics[-1]
 
 
 def test_the_plugins_own_tests_pass(example):
