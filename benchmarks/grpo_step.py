@@ -2,8 +2,8 @@
 
 The work: the embedded model (SmolLM2-135M, `model.path` unset), 8 prompts x 4 samples x at most 64 new tokens,
 LoRA r=16 alpha=32 on q,k,v,o, beta=0.05 (so a reference pass is computed), token-level loss aggregation,
-temperature 1.0, lr 1e-5, one optimizer update per iteration from two micro-batches of 16 sequences, no
-gradient checkpointing. The prompts are the `arithmetic` set and the judge is `exact_match` (regex on the
+temperature 1.0, lr 1e-5, one optimizer update per iteration from micro-batches of arena's default size
+(`optimizer.micro_batch_size`; `--micro-batch` overrides it on both sides), no gradient checkpointing. The prompts are the `arithmetic` set and the judge is `exact_match` (regex on the
 last number: microseconds, so the judge is not what is timed); `run.eval_every=0`.
 
 Each side runs in its own subprocess, so peak RSS is that side's alone (read with os.wait4, the child's own
@@ -36,8 +36,8 @@ TRL settings that match arena's (TRL's own defaults differ: beta=0.0, gradient c
 8 generations, lr 1e-6 with linear decay, std-scaled rewards): num_generations=4, 8 prompts per step
 (generation_batch_size=32), max_completion_length=64, temperature=1.0, top_p=1.0, top_k=0, beta=0.05,
 epsilon=0.2, loss_type="dapo" (the number of active tokens in the accumulated batch: arena's
-aggregation=token), scale_rewards="none" (arena's normalize_std=false), per_device_train_batch_size=16 with
-gradient_accumulation_steps=2 (arena's micro_batch_size=16), max_grad_norm=1.0, constant lr, no dropout,
+aggregation=token), scale_rewards="none" (arena's normalize_std=false), per_device_train_batch_size=M with
+gradient_accumulation_steps=32/M (arena's micro_batch_size=M), max_grad_norm=1.0, constant lr, no dropout,
 gradient_checkpointing=False, bf16=False with float32 weights, and a reward function that calls arena's own
 `exact_match` judge on the same records.
 """
@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -481,7 +482,12 @@ def spawn(side: str, args: argparse.Namespace, dtype: str) -> dict[str, Any]:
               flush=True)
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr)  # stdout is kept for the report
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS, not the max over all
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS, not the max over all
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
         if proc.returncode != 0 or not out.is_file():
@@ -490,6 +496,11 @@ def spawn(side: str, args: argparse.Namespace, dtype: str) -> dict[str, Any]:
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     result["peak_rss"] = usage.ru_maxrss * scale
     result["process_wall"] = wall
+    if side != "arena-profile":
+        s = summarize([result])
+        print(f"[grpo_step] {side} ({args.trl_dtype if side == 'trl' else dtype}): {s['total']:.2f} s/iteration "
+              f"(generate {s['parts']['generate']:.2f}, optimize {s['parts']['optimize']:.2f}), peak RSS "
+              f"{result['peak_rss'] / 2**30:.2f} GB", file=sys.stderr, flush=True)
     return result
 
 
@@ -637,9 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl", action="store_true", help="also run TRL's GRPOTrainer and print the ratios")
     parser.add_argument("--trl-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="TRL's model dtype (bfloat16 also turns on its bf16 autocast); default float32")
-    parser.add_argument("--micro-batch", type=int, default=16,
+    parser.add_argument("--micro-batch", type=int, default=None,
                         help="sequences per forward/backward on both sides (arena optimizer.micro_batch_size, TRL "
-                             "per_device_train_batch_size); default 16")
+                             "per_device_train_batch_size); default: arena's default micro_batch_size")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run every side this many times, interleaved, and pool their timed iterations "
                              "(peak RSS: the largest); default 1")
@@ -662,6 +673,12 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.child_out).write_text(json.dumps(result))
         return 0
 
+    if args.micro_batch is None:
+        from arena.plugins.grpo import GRPOOptions
+
+        args.micro_batch = GRPOOptions().micro_batch_size
+    if args.micro_batch < 1 or (PROMPTS * SAMPLES) % args.micro_batch:
+        parser.error(f"--micro-batch {args.micro_batch}: must divide {PROMPTS * SAMPLES}")
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in ("float32", "bfloat16", "float16", "auto")]
     if bad:
@@ -672,19 +689,37 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             parser.error("--trl needs trl: pip install -e '.[bench]'")
     columns: dict[str, list[dict[str, Any]]] = {}
-    for _ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every side
-        for dtype in dtypes:
-            columns.setdefault(f"arena {dtype}", []).append(spawn("arena", args, dtype))
-        if args.trl:
-            run = spawn("trl", args, args.trl_dtype)
-            columns.setdefault(f"TRL {run['trl']} {args.trl_dtype}", []).append(run)
-    profiles = [spawn("arena-profile", args, d) for d in dtypes] if args.profile else []
-    text = report(columns, args, profiles)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"argv": sys.argv, "columns": columns, "profiles": profiles},
-                                              indent=1))
-    return 0
+    profiles: list[dict[str, Any]] = []
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"argv": sys.argv, "columns": columns, "profiles": profiles},
+                                                  indent=1))
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    interrupted = False
+    try:
+        for _ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every side
+            for dtype in dtypes:
+                run = spawn("arena", args, dtype)
+                columns.setdefault(f"arena {dtype}", []).append(run)
+                save()
+            if args.trl:
+                run = spawn("trl", args, args.trl_dtype)
+                columns.setdefault(f"TRL {run['trl']} {args.trl_dtype}", []).append(run)
+                save()
+        for dtype in dtypes if args.profile else []:
+            profiles.append(spawn("arena-profile", args, dtype))
+            save()
+    except KeyboardInterrupt:  # stopped: report what finished
+        interrupted = True
+        print("[grpo_step] interrupted; reporting the runs that finished", file=sys.stderr)
+    if columns:
+        print(report(columns, args, profiles))
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
