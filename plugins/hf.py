@@ -100,6 +100,9 @@ class HFBackend(Backend):
         lora = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                           target_modules=list(m.lora.target_modules), task_type="CAUSAL_LM")
         self.model = get_peft_model(model, lora)
+        # generate feeds the head a strided hidden[:, -1:]; in bf16 that takes a bmm path that copies the weight
+        # per row (+1.7 GB, +1.2 s on the benchmark). A contiguous input keeps it one plain matmul.
+        model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
         self.model.eval()
         self.pad_id = self.tokenizer.pad_token_id
         self.eos_ids = {self.tokenizer.eos_token_id}
