@@ -20,8 +20,8 @@ different runs.
     python benchmarks/grpo_step.py --set backend.logits_budget_mb=64   # try an arena knob (arena side only)
 
 Where the time goes: arena's phases are its own `time/generate`, `time/judge`, `time/optimize` metrics; inside
-them, wrappers and forward hooks installed by this script (not by arena) time model.generate, the prefill and
-decode forwards and the LM head inside them, the log-prob recorder, the reference and policy
+them, wrappers and forward hooks installed by this script (not by arena) time the hf backend's decode loop, the
+prefill and decode forwards and the LM head inside it, the reference and policy
 `sequence_logprobs` calls, every `Tensor.backward` and every `AdamW.step`. TRL's step is timed from
 on_step_begin to on_step_end; its `generate` is `GRPOTrainer._generate` (tokenizing and decoding included),
 its `optimize` is the rest of the step except the reward call, which includes its reference pass as arena's
@@ -254,15 +254,6 @@ def run_arena(args: argparse.Namespace, profile: bool = False) -> dict[str, Any]
     sampler = RSSSampler().start()
     clock = Clock()
     _patch_training_clocks(clock)
-    try:
-        import arena.plugins.hf as hf_module
-
-        recorder = getattr(hf_module, "_LogprobRecorder", None)
-        if recorder is not None:  # the per-step log_softmax that keeps the sampling log-probs
-            recorder.__call__ = _timed(clock, "logprob_recorder", recorder.__call__)
-    except ImportError:
-        pass
-
     iterations = (max(1, args.warmup) + 1) if profile else args.warmup + args.iterations
     profile_iteration = iterations if profile else -1
     per_iteration: list[dict[str, Any]] = []
@@ -281,7 +272,7 @@ def run_arena(args: argparse.Namespace, profile: bool = False) -> dict[str, Any]
             in_generate = lambda: self.phase == "generate"  # noqa: E731
             reset = _time_generate_forwards(clock, policy.model.get_base_model(), in_generate)
 
-            generate = policy.model.generate
+            generate = policy._generate_batch  # one batch of the backend's own decode loop
 
             def timed_generate(*a: Any, **kw: Any) -> Any:
                 reset()
@@ -291,7 +282,7 @@ def run_arena(args: argparse.Namespace, profile: bool = False) -> dict[str, Any]
                 finally:
                     clock.add("hf_generate", time.perf_counter() - t0)
 
-            policy.model.generate = timed_generate
+            policy._generate_batch = timed_generate
             policy.sequence_logprobs = _timed(
                 clock, lambda *a, **kw: "ref_forward" if kw.get("reference") else "policy_forward",
                 policy.sequence_logprobs)
@@ -513,11 +504,11 @@ def _generate_parts(gen: float, p: Any, hf_generate: float | None) -> dict[str, 
     inner = gen if hf_generate is None else hf_generate
     parts = {"generate": gen}
     if hf_generate is not None:
-        parts["  model.generate"] = hf_generate
+        parts["  decode loop"] = hf_generate
     parts.update({
         "    prefill forward": p("prefill_forward"), "    decode forwards": p("decode_forward"),
-        "      of which LM head": p("lm_head_in_forward"), "    log-prob recorder": p("logprob_recorder"),
-        "    sampling + loop overhead": inner - p("prefill_forward") - p("decode_forward") - p("logprob_recorder"),
+        "      of which LM head": p("lm_head_in_forward"),
+        "    sampling, log-probs, loop": inner - p("prefill_forward") - p("decode_forward"),
     })
     if hf_generate is not None:
         parts["  outside (template, decode)"] = gen - hf_generate

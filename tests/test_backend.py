@@ -132,6 +132,18 @@ def test_sampling_follows_the_recorded_distribution(eos_policy):
     assert abs(count - 64 * p) < 5 * sigma + 1, f"EOS sampled {count}/64 times; its probability is {p:.3f}"
 
 
+def test_top_p_samples_only_inside_the_nucleus(eos_policy):
+    """EOS (p ~ 0.1) is the most likely token and the rest are nearly uniform: a nucleus of 0.05 is EOS alone, so
+    every sample must be EOS, while its recorded log-prob stays the unfiltered one."""
+    torch.manual_seed(0)
+    (gens,) = eos_policy.generate(chats(1), n=16, max_new_tokens=3, top_p=0.05)
+    eos = eos_policy.tokenizer.eos_token_id
+    assert all(g.completion_ids == [eos] for g in gens)
+    assert all(-3.5 < g.logprobs[0] < -1.5 for g in gens)  # log(~0.1), not log(1)
+    (wide,) = eos_policy.generate(chats(1), n=16, max_new_tokens=3, top_p=0.9)
+    assert len({tuple(g.completion_ids) for g in wide}) > 1
+
+
 # -- sampling log-probs -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (0.7, 0.9)])
