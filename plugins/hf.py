@@ -25,7 +25,7 @@ from arena.types import Generation, Messages
 @dataclass
 class HFOptions:
     generation_batch_size: int = 64  # sequences per generate call
-    logits_budget_mb: int = 512  # above this, training log-probs are computed in checkpointed row chunks
+    logits_budget_mb: int = 64  # the largest chunk of LM-head logits held at once by training log-probs
     share_prompts: bool = True  # training: completions of one prompt reuse its forward pass
     min_shared_prefix: int = 16  # judge prompts sharing at least this many leading tokens reuse their KV cache
 
@@ -77,6 +77,8 @@ class HFBackend(Backend):
         lora = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                           target_modules=list(m.lora.target_modules), task_type="CAUSAL_LM")
         self.model = get_peft_model(model, lora)
+        if model.config._attn_implementation == "sdpa" and self.device == "cpu":
+            model.set_attn_implementation(_register_cpu_gqa_sdpa())
         # generate feeds the head a strided hidden[:, -1:]; in bf16 that takes a bmm path that copies the weight
         # per row (+1.7 GB, +1.2 s on the benchmark). A contiguous input keeps it one plain matmul.
         model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
@@ -255,18 +257,18 @@ class HFBackend(Backend):
                 p = prompt.shape[1]
                 hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
                                  use_cache=False).last_hidden_state[:, p - 1:p - 1 + width]
-            rows = hidden.shape[0]
-            budget_rows = max(1, int(self.options.logits_budget_mb * 2**20 // (4 * width * head.out_features)))
-            if rows <= budget_rows:
-                out = _token_logprobs(hidden, comp, head, temperature)
-            else:  # recompute each chunk's logits in backward instead of keeping [rows, width, vocab]
-                parts = []
-                for s in range(0, rows, budget_rows):
-                    args = (hidden[s:s + budget_rows], comp[s:s + budget_rows], head, temperature)
-                    parts.append(torch.utils.checkpoint.checkpoint(_token_logprobs, *args, use_reentrant=False)
-                                 if grad else _token_logprobs(*args))
-                out = torch.cat(parts)
-        return out * comp_mask
+            # the head runs only at real completion positions (padding skipped), in chunks of at most
+            # `logits_budget_mb` of logits that backward recomputes: no [rows, width, vocab] tensor is ever kept
+            valid = comp_mask.bool()
+            chunk = max(1, int(self.options.logits_budget_mb * 2**20 // (4 * head.out_features)))
+            out = torch.zeros(comp.shape, dtype=torch.float32, device=self.device)
+            if isinstance(head, torch.nn.Linear):
+                picked = TokenLogprobs.apply(hidden[valid], comp[valid], head.weight, head.bias, temperature, chunk)
+            else:  # an unusual head: plain autograd, one piece
+                logits = head(hidden[valid]).float() / temperature
+                picked = logits.gather(1, comp[valid][:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            out = out.masked_scatter(valid, picked)
+        return out
 
     # -- training -----------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -293,10 +295,75 @@ def _sample(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 
-def _token_logprobs(hidden: torch.Tensor, tokens: torch.Tensor, head: torch.nn.Module,
-                    temperature: float) -> torch.Tensor:
-    logits = head(hidden).float() / temperature
-    return logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _cpu_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' `sdpa` copies K and V to every query head whenever a padding mask is given (`repeat_kv`), and
+    autograd keeps the copies for backward: 3x the K/V memory for SmolLM2's 9 query and 3 KV heads. torch's CPU
+    kernel takes a mask together with grouped heads, so we pass them straight through."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (groups == 1 or attention_mask is None or query.device.type != "cpu"
+            or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_cpu_gqa_sdpa() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("arena_cpu_sdpa", _cpu_gqa_sdpa)
+    AttentionMaskInterface.register("arena_cpu_sdpa", ALL_MASK_ATTENTION_FUNCTIONS.get("sdpa", sdpa_mask))
+    return "arena_cpu_sdpa"
+
+
+class TokenLogprobs(torch.autograd.Function):
+    """log softmax(h W^T + b)[token] / T for N positions, computed in chunks of `chunk` rows. Backward recomputes
+    each chunk's logits from the saved hidden states and log-sum-exp, so no [N, vocab] tensor outlives a chunk:
+    the LM head's logits are the largest activation of a small model (49k vocabulary x every position)."""
+
+    @staticmethod
+    def forward(ctx, hidden, tokens, weight, bias, temperature, chunk):
+        out = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for s in range(0, len(hidden), chunk):
+            logits = TokenLogprobs._logits(hidden[s:s + chunk], weight, bias, temperature)
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            out[s:s + chunk] = logits.gather(1, tokens[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, tokens, weight, bias, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def _logits(hidden, weight, bias, temperature):
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        return logits if temperature == 1.0 else logits.div_(temperature)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, tokens, weight, bias, lse = ctx.saved_tensors
+        need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for s in range(0, len(hidden), ctx.chunk):
+            h, g = hidden[s:s + ctx.chunk], grad_out[s:s + ctx.chunk].float()
+            # d/dlogits of (logit[token] - lse) = onehot - softmax, times the upstream gradient, over T
+            grad = TokenLogprobs._logits(h, weight, bias, ctx.temperature).sub_(lse[s:s + ctx.chunk, None]).exp_()
+            grad.mul_(-g[:, None]).scatter_add_(1, tokens[s:s + ctx.chunk, None], g[:, None])
+            if ctx.temperature != 1.0:
+                grad.div_(ctx.temperature)
+            if need_h:
+                grad_h[s:s + ctx.chunk] = grad.to(weight.dtype) @ weight
+            if need_w:
+                grad_w += grad.t() @ h.float()
+            if need_b:
+                grad_b += grad.sum(0)
+        return (grad_h, None, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None, None, None)
 
 
 @hookimpl

@@ -230,6 +230,36 @@ def test_chunked_logits_path_gives_the_same_values_and_gradients(policy):
     assert float((a - b).norm()) < 1e-5 * float(b.norm())
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_matches_plain_autograd(chunk, temperature):
+    """The chunked LM-head function (its own backward, logits recomputed) against log_softmax + gather."""
+    from arena.plugins.hf import TokenLogprobs
+
+    torch.manual_seed(0)
+    n, dim, vocab = 7, 5, 11
+    hidden = torch.randn(n, dim, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, dim, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(vocab, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, vocab, (n,))
+    upstream = torch.randn(n, dtype=torch.float64)
+
+    def grads(fn):
+        for t in (hidden, weight, bias):
+            t.grad = None
+        out = fn()
+        (out * upstream).sum().backward()
+        return out.detach(), [t.grad.clone() for t in (hidden, weight, bias)]
+
+    plain = lambda: torch.log_softmax((hidden @ weight.T + bias) / temperature, -1).gather(1, tokens[:, None])[:, 0]
+    fused = lambda: TokenLogprobs.apply(hidden, tokens, weight, bias, temperature, chunk)
+    (want, want_grads), (got, got_grads) = grads(plain), grads(fused)
+    assert got.dtype == torch.float32  # log-probs are float32 whatever the model's dtype
+    torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+
+
 # -- next-token scoring ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shared_prefix", [False, True])
@@ -332,3 +362,28 @@ def test_bfloat16_backend_samples_and_trains(tiny_model_dir):
         assert torch.allclose(logp[row, :len(g.logprobs)].float(), torch.tensor(g.logprobs), atol=0.1)
     logp.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
+
+
+def test_cpu_gqa_attention_equals_transformers_sdpa(policy, base_model):
+    """The backend swaps in masked grouped-query SDPA (no K/V copies kept for backward); logits and gradients
+    on a left-padded batch must equal transformers' own `sdpa`, which repeats K/V per head."""
+    assert policy.model.get_base_model().config._attn_implementation == "arena_cpu_sdpa"
+    assert base_model.config._attn_implementation == "sdpa" and base_model.config.num_key_value_heads > 0
+    prompts = [policy.encode_chat(c) for c in chats(3)]
+    from arena.plugins.hf import _left_pad, _positions
+
+    ids, mask = _left_pad(prompts, policy.pad_id, "cpu")
+    grouped = policy.model.get_base_model()
+
+    def run(model):
+        model.zero_grad()
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask)).logits
+        (logits[mask.bool()] ** 2).mean().backward()
+        return logits[mask.bool()].detach(), embeds.grad
+
+    with policy.model.disable_adapter():
+        got, got_grad = run(grouped)
+    want, want_grad = run(base_model)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-4)
