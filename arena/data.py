@@ -99,3 +99,13 @@ def arithmetic(count: int, seed: int = 0) -> list[dict[str, str]]:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         out.append({"prompt": f"What is {a} + {b}? Answer with the number only.", "answer": str(a + b)})
     return out
+
+
+def load_records(dataset: str, key: str = "game.dataset", seed: int = 0,
+                 arithmetic_size: int = 2000) -> list[dict[str, Any]]:
+    """The records of a dataset name: `sharegpt`, `arithmetic`, or a JSONL file path."""
+    if dataset == "sharegpt":
+        return sharegpt_pairs()
+    if dataset == "arithmetic":
+        return arithmetic(arithmetic_size, seed=seed)
+    return load_prompt_file(dataset, key)

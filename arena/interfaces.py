@@ -139,6 +139,10 @@ class Optimizer(ABC):
         """Compute advantages where missing, the loss, step, and return metrics. Roles with `trained=False`
         contribute no loss."""
 
+    def check_roles(self, roles: dict[str, Role]) -> None:
+        """Called once at start-up with the game's roles: raise ConfigError for settings naming a role the game
+        does not have, before anything is played."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -157,6 +161,7 @@ class Game(ABC):
     Options: ClassVar[type] = NoOptions
     produces: ClassVar[frozenset[str]] = frozenset({"rewards"})
     defaults: ClassVar[dict[str, Any]] = {}
+    headline_metrics: ClassVar[tuple[str, ...]] = ()  # round metrics the progress line shows after the rewards
 
     def __init__(self, options: Any, env: Env):
         self.options = options
@@ -203,6 +208,7 @@ class RoundContext:
     rng: random.Random
     env: Env
     metrics: dict[str, float] = field(default_factory=dict)  # a game may add round metrics here
+    notes: dict[str, str] = field(default_factory=dict)  # short texts for the progress display (a sample query)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -34,6 +34,7 @@ class Run:
     iteration: int = 0
     start_iteration: int = 1
     metrics: dict[str, float] = field(default_factory=dict)  # the last iteration's
+    notes: dict[str, str] = field(default_factory=dict)  # the last round's texts for displays (RoundContext.notes)
     game: Any = None
     policy: Any = None
 
@@ -107,6 +108,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
         judge = registry.build("judge", tree["judge"], env)
         game = run.game = registry.build("game", tree["game"], env)
         optimizer = registry.build("optimizer", tree["optimizer"], env)
+        optimizer.check_roles(game.roles)
         if not resume:  # created only once every component is built: a bad config leaves no folder behind
             store.create(resolved.to_yaml())
 
@@ -141,7 +143,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
                     metrics.update({f"eval/{k}": v for k, v in game.evaluate(ctx).items()})
             metrics.update(ctx.metrics)
             metrics["time/iteration"] = time.perf_counter() - t0
-            run.metrics = metrics
+            run.metrics, run.notes = metrics, dict(ctx.notes)
             store.append_metrics({"iteration": it, **metrics})
             hook.arena_metrics(run=run, step=it, metrics=metrics)
             if it % cfg.run.checkpoint_every == 0 or last:

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from arena.data import arithmetic, load_prompt_file, sharegpt_pairs
+from arena.data import load_records
 from arena.errors import ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
@@ -42,12 +42,7 @@ class PromptsGame(Game):
         for key in ("prompts_per_round", "group_size", "max_new_tokens"):
             if getattr(options, key) < 1:
                 raise ConfigError(key, "must be at least 1")
-        if options.dataset == "sharegpt":
-            records = sharegpt_pairs()
-        elif options.dataset == "arithmetic":
-            records = arithmetic(options.arithmetic_size, seed=env.config.run.seed)
-        else:
-            records = load_prompt_file(options.dataset)
+        records = load_records(options.dataset, seed=env.config.run.seed, arithmetic_size=options.arithmetic_size)
         records = [r for r in records if len(r["prompt"]) <= options.max_prompt_chars]
         if len(records) <= options.eval_size:
             raise ConfigError("dataset", f"{options.dataset}: {len(records)} prompts of at most "

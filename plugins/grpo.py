@@ -111,12 +111,15 @@ class GRPO(Optimizer):
         obj = self.options.roles.get(role) or RoleObjective()
         return obj.weight, self.options.beta if obj.beta is None else obj.beta
 
-    def step(self, samples: Sequence[Sample], roles: dict[str, Role]) -> dict[str, float]:
-        o = self.options
-        unknown = sorted(set(o.roles) - set(roles))
+    def check_roles(self, roles: dict[str, Role]) -> None:
+        unknown = sorted(set(self.options.roles) - set(roles))
         if unknown:
             raise ConfigError(f"optimizer.roles.{unknown[0]}", f"no such role; the game's roles are: "
                                                                f"{', '.join(roles)}")
+
+    def step(self, samples: Sequence[Sample], roles: dict[str, Role]) -> dict[str, float]:
+        o = self.options
+        self.check_roles(roles)
         advantages = group_advantages(samples, o.normalize_std)
         for s, a in zip(samples, advantages):
             s.advantage = a

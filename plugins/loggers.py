@@ -19,11 +19,17 @@ def summary_line(run: Any, step: int, metrics: dict[str, float]) -> str:
         parts.append(f"{key} {metrics[key]:.3f}")
     for key in sorted(k for k in metrics if k.startswith("invalid/") and metrics[k]):
         parts.append(f"{key} {int(metrics[key])}")
-    for key in SUMMARY_KEYS:
+    for key in (*getattr(run.game, "headline_metrics", ()), *SUMMARY_KEYS):
         if key in metrics:
             parts.append(f"{key} {metrics[key]:.4g}")
     parts.append(f"{metrics.get('time/iteration', 0.0):.1f}s")
     return "  ".join(parts)
+
+
+def note_text(text: str, width: int = 110) -> str:
+    """One line of at most `width` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
 class PlainLogger(Logger):
@@ -40,6 +46,8 @@ class PlainLogger(Logger):
     @hookimpl
     def arena_metrics(self, run: Any, step: int, metrics: dict[str, float]) -> None:
         self._print(summary_line(run, step, metrics))
+        for key, text in getattr(run, "notes", {}).items():
+            self._print(f"  {key}: {note_text(text)}")
 
     @hookimpl
     def arena_run_end(self, run: Any, error: BaseException | None) -> None:

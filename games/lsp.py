@@ -1,0 +1,256 @@
+"""The `lsp` game: Language Self-Play (Kuba et al. 2025, arXiv 2509.07414).
+
+One model plays two roles. The Challenger, given a task description, writes N queries meant to be hard; the
+Solver answers each query G times; the judge scores every answer (R). With V(q) the mean of a query's answer
+rewards, the Solver's advantage is R - V(q) and the Challenger's reward is -V(q): it wins when the Solver does
+badly (LSP-Zero, zero-sum). LSP adds a quality self-reward R_Q (the reference model's 7-point rubric on the query
+and the answer) to both sides, so the Challenger cannot win with nonsense: Solver reward R + R_Q, Challenger
+reward -V(q) + V_Q(q). Both roles learn in one update, the Challenger's loss weighted by α
+(`optimizer.roles.challenger.weight`), both held to the reference by the optimizer's KL β.
+
+The Challenger's advantage is its reward minus the round's mean Challenger reward (for LSP-Zero: V̄ - V(q)). A
+Challenger output that is empty, holds several queries, or adds an answer gets no Solver answers and the round's
+lowest well-formed Challenger reward minus `format_penalty`, whatever the judge's scale.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from arena.data import load_records
+from arena.errors import ConfigError
+from arena.hookspecs import hookimpl
+from arena.interfaces import Env, Game, Judge, RoundContext
+from arena.types import JudgeItem, Messages, Role, Sample, Verdict
+
+TASK = ("Answer a user's request helpfully, correctly and clearly: questions of fact, reasoning, math, coding, "
+        "writing and advice.")
+
+CHALLENGER_TEMPLATE = """<task>{task}</task>
+
+You are stress-testing an AI assistant on the task above. Write one new request that a user could send and that \
+the assistant will find hard to answer well. Write ONLY the request: a single example, with no answer and no \
+hints."""
+
+
+@dataclass
+class LSPOptions:
+    queries: int = 4  # N: Challenger queries per round
+    answers: int = 4  # G: Solver answers per query; they share the baseline V(q)
+    quality_reward: bool = True  # LSP; false: LSP-Zero (no R_Q)
+    quality_judge: Any = field(default_factory=lambda: {"name": "self_reward"})  # the judge that gives R_Q
+    task: str = TASK  # what the Solver should be good at; the Challenger prompt's {task}
+    challenger_template: str = CHALLENGER_TEMPLATE  # must contain {task}
+    challenger_max_new_tokens: int = 48
+    solver_max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    format_penalty: float = 1.0  # a malformed query scores this much below the round's worst well-formed one
+    system_prompt: Optional[str] = None  # the Solver's system message, if any
+    eval_dataset: str = "sharegpt"  # held-out prompts the Solver answers greedily: sharegpt or a JSONL file
+    eval_size: int = 8  # 0: no evaluation
+    max_eval_prompt_chars: int = 400
+
+
+# -- the rules, as plain arithmetic ---------------------------------------------------------------------------
+
+@dataclass
+class LSPScores:
+    """Rewards and advantages of one round. Per query i: `solver_reward[i][j]` for its answer j (None where a
+    verdict was invalid), `value[i]` = V(q_i) and `quality_value[i]` = V_Q(q_i) over its scored answers (None when
+    none was scored, or the query was malformed)."""
+
+    solver_reward: list[list[float | None]]
+    solver_advantage: list[list[float | None]]
+    value: list[float | None]
+    quality_value: list[float | None]
+    challenger_reward: list[float | None]
+    challenger_advantage: list[float | None]
+    value_mean: float | None  # V̄ over the queries that have a value
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def lsp_scores(rewards: Sequence[Sequence[float | None]], quality: Sequence[Sequence[float | None]] | None,
+               well_formed: Sequence[bool], format_penalty: float) -> LSPScores:
+    """LSP's rewards and advantages (DESIGN.md section 8) from the judge's R per answer and, for LSP, R_Q per
+    answer; `quality=None` is LSP-Zero. An answer is scored only when all its verdicts are valid; a query with no
+    scored answer has no value and its Challenger sample no reward (recorded, not trained on)."""
+    solver_reward, solver_adv, values, qvalues, ch_reward = [], [], [], [], []
+    for i, ok in enumerate(well_formed):
+        rs = rewards[i] if ok else []
+        qs = quality[i] if (ok and quality is not None) else [0.0] * len(rs)
+        scored = [j for j, (r, q) in enumerate(zip(rs, qs)) if r is not None and q is not None]
+        total = [rs[j] + qs[j] if j in scored else None for j in range(len(rs))]
+        baseline = _mean([total[j] for j in scored])
+        solver_reward.append(total)
+        solver_adv.append([None if t is None else t - baseline for t in total])
+        value = _mean([rs[j] for j in scored])
+        qvalue = _mean([qs[j] for j in scored]) if quality is not None else None
+        values.append(value)
+        qvalues.append(qvalue)
+        ch_reward.append(None if value is None else -value + (qvalue or 0.0))
+    floor = min([r for r in ch_reward if r is not None], default=0.0) - format_penalty
+    ch_reward = [r if ok else floor for r, ok in zip(ch_reward, well_formed)]
+    ch_baseline = _mean([r for r in ch_reward if r is not None])
+    ch_adv = [None if r is None else r - ch_baseline for r in ch_reward]
+    return LSPScores(solver_reward, solver_adv, values, qvalues, ch_reward, ch_adv,
+                     _mean([v for v in values if v is not None]))
+
+
+LABEL = r"(?:query|question|request|prompt|example|task)"
+_LABEL_LINE = re.compile(rf"^\W*{LABEL}\s*#?\s*\d*\s*\W*\s*[:.)]", re.IGNORECASE | re.MULTILINE)
+_ANSWER_LINE = re.compile(r"^\W*(?:answer|solution|response|hint)s?\s*\W*\s*:", re.IGNORECASE | re.MULTILINE)
+_LEADING_LABEL = re.compile(rf"^\s*\W*{LABEL}\s*\W*\s*:\s*", re.IGNORECASE)
+
+
+def parse_query(text: str) -> tuple[str, str | None]:
+    """The query in a Challenger output and what is wrong with it (None when it is a single, bare query). A
+    single leading label ("Query:") and surrounding quotes are dropped; two labels, or an answer or hint section,
+    mean it is not a single bare query."""
+    body = text.strip()
+    if not body:
+        return "", "empty"
+    if len(_LABEL_LINE.findall(body)) >= 2:
+        return body, "several queries"
+    if _ANSWER_LINE.search(body):
+        return body, "adds an answer or hint"
+    body = _LEADING_LABEL.sub("", body, count=1).strip().strip("\"'“”").strip()
+    if not body:
+        return "", "empty"
+    return body, None
+
+
+# -- the game -------------------------------------------------------------------------------------------------
+
+class LSPGame(Game):
+    """Language Self-Play: a Challenger writes queries, a Solver answers them, one model plays both."""
+
+    Options = LSPOptions
+    defaults = {"judge": {"name": "llm_judge"}, "run": {"iterations": 8, "eval_every": 4},
+                "optimizer": {"name": "grpo", "roles": {"challenger": {"weight": 1.0}}}}
+    headline_metrics = ("lsp/value",)
+
+    @classmethod
+    def check_options(cls, options: LSPOptions, registry: Any, path: str) -> None:
+        """The quality judge is a component too: validate it before any model loads."""
+        from arena.config import validate_component
+
+        if options.quality_reward:
+            validate_component(registry, "judge", options.quality_judge, f"{path}.quality_judge")
+        if "{task}" not in options.challenger_template:
+            raise ConfigError(f"{path}.challenger_template", "must contain {task}")
+        for key in ("queries", "answers", "challenger_max_new_tokens", "solver_max_new_tokens"):
+            if getattr(options, key) < 1:
+                raise ConfigError(f"{path}.{key}", "must be at least 1")
+        if options.eval_size < 0:
+            raise ConfigError(f"{path}.eval_size", "must be 0 (no evaluation) or more")
+
+    def __init__(self, options: LSPOptions, env: Env):
+        super().__init__(options, env)
+        self.quality: Judge | None = (env.registry.build("judge", options.quality_judge, env, "quality_judge")
+                                      if options.quality_reward else None)
+        self.eval_records: list[dict[str, Any]] = []
+        if options.eval_size:
+            records = [r for r in load_records(options.eval_dataset, "game.eval_dataset")
+                       if len(r["prompt"]) <= options.max_eval_prompt_chars]
+            random.Random(env.config.run.seed).shuffle(records)
+            self.eval_records = records[:options.eval_size]
+        self._roles = {
+            "challenger": Role("challenger", max_new_tokens=options.challenger_max_new_tokens,
+                               temperature=options.temperature, top_p=options.top_p),
+            "solver": Role("solver", max_new_tokens=options.solver_max_new_tokens,
+                           temperature=options.temperature, top_p=options.top_p),
+        }
+
+    @property
+    def roles(self) -> dict[str, Role]:
+        return self._roles
+
+    def challenger_prompt(self) -> Messages:
+        return [{"role": "user", "content": self.options.challenger_template.format(task=self.options.task)}]
+
+    def solver_prompt(self, query: str) -> Messages:
+        system = [{"role": "system", "content": self.options.system_prompt}] if self.options.system_prompt else []
+        return [*system, {"role": "user", "content": query}]
+
+    def play(self, ctx: RoundContext) -> list[Sample]:
+        o, challenger, solver = self.options, self._roles["challenger"], self._roles["solver"]
+        ch_prompt = self.challenger_prompt()
+        with ctx.phase("generate"):
+            (queries,) = ctx.policy.generate([ch_prompt], n=o.queries, max_new_tokens=challenger.max_new_tokens,
+                                             temperature=challenger.temperature, top_p=challenger.top_p)
+        parsed = [parse_query(g.text) for g in queries]
+        asked = [i for i, (_, problem) in enumerate(parsed) if problem is None]
+        prompts = {i: self.solver_prompt(parsed[i][0]) for i in asked}
+        answers: dict[int, list[Any]] = {}
+        if asked:
+            with ctx.phase("generate"):
+                outs = ctx.policy.generate([prompts[i] for i in asked], n=o.answers,
+                                           max_new_tokens=solver.max_new_tokens, temperature=solver.temperature,
+                                           top_p=solver.top_p)
+            answers = dict(zip(asked, outs))
+        items = [JudgeItem(prompt=prompts[i], response=g.text) for i in asked for g in answers[i]]
+        with ctx.phase("judge"):
+            verdicts = ctx.judge.judge(items) if items else []
+            qverdicts = self.quality.judge(items) if (self.quality is not None and items) else None
+        by_query: dict[int, list[tuple[Verdict, Verdict | None]]] = {i: [] for i in asked}
+        k = 0
+        for i in asked:
+            for _ in answers[i]:
+                by_query[i].append((verdicts[k], qverdicts[k] if qverdicts is not None else None))
+                k += 1
+        well_formed = [problem is None for _, problem in parsed]
+        R = [[v.score if v.valid else None for v, _ in by_query.get(i, [])] for i in range(len(parsed))]
+        RQ = ([[q.score if q.valid else None for _, q in by_query.get(i, [])] for i in range(len(parsed))]
+              if self.quality is not None else None)
+        scores = lsp_scores(R, RQ, well_formed, o.format_penalty)
+
+        samples = []
+        for i, (gen, (query, problem)) in enumerate(zip(queries, parsed)):
+            samples.append(Sample.from_generation(
+                challenger, ch_prompt, gen, reward=scores.challenger_reward[i],
+                advantage=scores.challenger_advantage[i], group=f"{ctx.iteration}:challenger",
+                metadata={"query_index": i, "query": query, "format_error": problem, "value": scores.value[i],
+                          "quality_value": scores.quality_value[i],
+                          "scored_answers": sum(r is not None for r in scores.solver_reward[i])}))
+        for i in asked:
+            for j, gen in enumerate(answers[i]):
+                verdict, qverdict = by_query[i][j]
+                samples.append(Sample.from_generation(
+                    solver, prompts[i], gen, reward=scores.solver_reward[i][j],
+                    advantage=scores.solver_advantage[i][j], group=f"{ctx.iteration}:{i}",
+                    metadata={"query_index": i, "R": R[i][j], "R_Q": None if RQ is None else RQ[i][j],
+                              "valid": scores.solver_reward[i][j] is not None, "verdict": verdict.details,
+                              "quality_verdict": None if qverdict is None else qverdict.details}))
+
+        if scores.value_mean is not None:
+            ctx.metrics["lsp/value"] = scores.value_mean
+        ctx.metrics["lsp/malformed_queries"] = float(len(parsed) - len(asked))
+        shown = next((q for q, problem in parsed if problem is None), None)
+        ctx.notes["query"] = shown if shown is not None else f"(no well-formed query: {parsed[0][1]})"
+        return samples
+
+    def evaluate(self, ctx: RoundContext) -> dict[str, float]:
+        """The Solver's greedy answers to held-out prompts, scored by the judge (R, without R_Q)."""
+        if not self.eval_records:
+            return {}
+        prompts = [self.solver_prompt(r["prompt"]) for r in self.eval_records]
+        outs = ctx.policy.generate(prompts, n=1, max_new_tokens=self.options.solver_max_new_tokens, greedy=True)
+        verdicts = ctx.judge.judge([JudgeItem(prompt=p, response=g[0].text) for p, g in zip(prompts, outs)])
+        valid = [v.score for v in verdicts if v.valid]
+        out = {"valid_frac": len(valid) / len(verdicts)}
+        if valid:
+            out["score"] = sum(valid) / len(valid)
+        return out
+
+
+@hookimpl
+def register_games(register: Any) -> None:
+    register("lsp", LSPGame)
