@@ -133,7 +133,7 @@ class LSPGame(Game):
     """Language Self-Play: a Challenger writes queries, a Solver answers them, one model plays both."""
 
     Options = LSPOptions
-    defaults = {"judge": {"name": "llm_judge"}, "run": {"iterations": 8, "eval_every": 4},
+    defaults = {"judge": {"name": "llm_judge"}, "run": {"iterations": 10, "eval_every": 5},
                 "optimizer": {"name": "grpo", "roles": {"challenger": {"weight": 1.0}}}}
     headline_metrics = ("lsp/value",)
 

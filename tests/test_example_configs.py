@@ -21,6 +21,9 @@ EXPECTED = {  # file -> (game, judge, what sets it apart)
     "prompts-jsonl.yaml": ("prompts", "exact_match", {"game.dataset": "examples/data/prompts.jsonl",
                                                       "judge.mode": "regex"}),
     "mix-judges.yaml": ("prompts", "mix", {"game.dataset": "arithmetic"}),
+    "lsp-paper.yaml": ("lsp", "reward_model", {"game.queries": 8, "game.quality_reward": True,
+                                               "optimizer.lr": 3e-6, "optimizer.beta": 0.05}),
+    "lsp-zero.yaml": ("lsp", "llm_judge", {"game.quality_reward": False}),
 }
 
 
@@ -81,7 +84,7 @@ def test_configs_build_what_play_builds(registry, tiny_model_dir, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     policy = None
-    for path in CONFIGS:
+    for path in (p for p in CONFIGS if EXPECTED[p.name][0] == "prompts"):
         game_name = EXPECTED[path.name][0]
         tree = resolve(registry, game_name, [str(path)], [f"model.path={tiny_model_dir}", "model.lora.r=4"]).tree
         env = Env(config=OmegaConf.create(tree), registry=registry)
@@ -95,3 +98,23 @@ def test_configs_build_what_play_builds(registry, tiny_model_dir, monkeypatch):
                                     JudgeItem(prompt, "I do not know, sorry.", record["answer"])])
         assert right.valid and wrong.valid, path.name
         assert right.score - wrong.score >= 0.5, (path.name, right, wrong)  # correctness dominates, mix included
+
+
+@pytest.mark.parametrize("name", ["lsp-paper.yaml", "lsp-zero.yaml"])
+def test_lsp_configs_play_a_round(registry, tiny_model_dir, reward_model_dir, name, tmp_path, monkeypatch):
+    """Each LSP config plays one round as written, except for the models: the tiny model, and for the paper's
+    config a tiny reward model in place of Skywork-Reward-V2 (not downloadable here), with short outputs."""
+    from arena.cli import main
+    from arena.runstore import read_jsonl
+
+    monkeypatch.chdir(ROOT)
+    small = [f"model.path={tiny_model_dir}", "model.lora.r=4", f"run.dir={tmp_path / 'run'}", "run.iterations=1",
+             "run.loggers=[plain]", "game.queries=2", "game.answers=2", "game.challenger_max_new_tokens=6",
+             "game.solver_max_new_tokens=4", "game.eval_size=1"]
+    if name == "lsp-paper.yaml":
+        small.append(f"judge.path={reward_model_dir}")
+    assert main(["play", "lsp", "--config", str(ROOT / "examples" / "configs" / name), *small]) == 0
+    samples = list(read_jsonl(tmp_path / "run" / "samples.jsonl"))
+    assert {s["role"] for s in samples} == {"challenger", "solver"}
+    quality = EXPECTED[name][2]["game.quality_reward"]
+    assert all((s["metadata"]["R_Q"] is not None) == quality for s in samples if s["role"] == "solver")

@@ -329,24 +329,6 @@ def test_mix_parts_in_shorthand_and_their_options(mix_registry):
 
 # -- reward_model ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def reward_model_dir(tiny_model_dir, tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    torch.manual_seed(5)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForSequenceClassification(config)
-    with torch.no_grad():
-        model.score.weight.normal_(0, 1.0)  # scores well apart
-    path = tmp_path_factory.mktemp("tiny-rm")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_reward_model_scores_are_its_first_logit(reward_model_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
