@@ -8,9 +8,10 @@ and the answer) to both sides, so the Challenger cannot win with nonsense: Solve
 reward -V(q) + V_Q(q). Both roles learn in one update, the Challenger's loss weighted by α
 (`optimizer.roles.challenger.weight`), both held to the reference by the optimizer's KL β.
 
-The Challenger's advantage is its reward minus the round's mean Challenger reward (for LSP-Zero: V̄ - V(q)). A
-Challenger output that is empty, holds several queries, or adds an answer gets no Solver answers and the round's
-lowest well-formed Challenger reward minus `format_penalty`, whatever the judge's scale.
+The Challenger's advantage is its reward minus the mean reward of the round's well-formed, scored queries (for
+LSP-Zero: V̄ - V(q)). A Challenger output that is empty, holds several queries, or adds an answer gets no Solver
+answers and the round's lowest well-formed Challenger reward minus `format_penalty`, whatever the judge's scale,
+so its advantage is always negative.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from arena.data import load_records
-from arena.errors import ConfigError
+from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, Judge, RoundContext
 from arena.types import JudgeItem, Messages, Role, Sample, Verdict
@@ -82,6 +83,10 @@ def lsp_scores(rewards: Sequence[Sequence[float | None]], quality: Sequence[Sequ
     """LSP's rewards and advantages (DESIGN.md section 8) from the judge's R per answer and, for LSP, R_Q per
     answer; `quality=None` is LSP-Zero. An answer is scored only when all its verdicts are valid; a query with no
     scored answer has no value and its Challenger sample no reward (recorded, not trained on)."""
+    if len(rewards) != len(well_formed) or (quality is not None and (
+            len(quality) != len(rewards) or any(len(q) != len(r) for q, r, ok in zip(quality, rewards, well_formed)
+                                                if ok))):
+        raise ValueError("lsp_scores: one row of rewards (and of quality rewards) per query, one entry per answer")
     solver_reward, solver_adv, values, qvalues, ch_reward = [], [], [], [], []
     for i, ok in enumerate(well_formed):
         rs = rewards[i] if ok else []
@@ -96,38 +101,53 @@ def lsp_scores(rewards: Sequence[Sequence[float | None]], quality: Sequence[Sequ
         values.append(value)
         qvalues.append(qvalue)
         ch_reward.append(None if value is None else -value + (qvalue or 0.0))
-    floor = min([r for r in ch_reward if r is not None], default=0.0) - format_penalty
+    well_formed_rewards = [r for r, ok in zip(ch_reward, well_formed) if ok and r is not None]
+    ch_baseline = _mean(well_formed_rewards)  # malformed queries stay out of it: for LSP-Zero this is -V̄
+    floor = min(well_formed_rewards, default=0.0) - format_penalty
     ch_reward = [r if ok else floor for r, ok in zip(ch_reward, well_formed)]
-    ch_baseline = _mean([r for r in ch_reward if r is not None])
-    ch_adv = [None if r is None else r - ch_baseline for r in ch_reward]
+    ch_adv = [None if r is None else r - (ch_baseline if ch_baseline is not None else 0.0) for r in ch_reward]
     return LSPScores(solver_reward, solver_adv, values, qvalues, ch_reward, ch_adv,
                      _mean([v for v in values if v is not None]))
 
 
-LABEL = r"(?:query|question|request|prompt|example|task)"
-_LABEL_LINE = re.compile(rf"^\W*{LABEL}\s*#?\s*\d*\s*\W*\s*[:.)]", re.IGNORECASE | re.MULTILINE)
-_ANSWER_LINE = re.compile(r"^\W*(?:answer|solution|response|hint)s?\s*\W*\s*:", re.IGNORECASE | re.MULTILINE)
-_LEADING_LABEL = re.compile(rf"^\s*\W*{LABEL}\s*\W*\s*:\s*", re.IGNORECASE)
+_LABEL = r"(?:query|question|request)"
+_LABEL_LINE = re.compile(rf"^\W*{_LABEL}\s*#?\s*\d*\s*[:.)]", re.IGNORECASE | re.MULTILINE)
+_NUMBERED = re.compile(rf"\b{_LABEL}\s*#?\s*(\d+)\s*[:.)]", re.IGNORECASE)
+_ANSWER_LINE = re.compile(r"^\W*(?:answer|solution|hint)s?\s*:", re.IGNORECASE | re.MULTILINE)
+_LEADING_LABEL = re.compile(rf"^\W*{_LABEL}\s*#?\s*\d*\s*:\s*", re.IGNORECASE)
+_QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’"}
 
 
 def parse_query(text: str) -> tuple[str, str | None]:
-    """The query in a Challenger output and what is wrong with it (None when it is a single, bare query). A
-    single leading label ("Query:") and surrounding quotes are dropped; two labels, or an answer or hint section,
-    mean it is not a single bare query."""
+    """The query in a Challenger output and what is wrong with it (None when it is a single, bare query).
+
+    Several queries: two lines that open with a query label (`Query:`, `Question 2.`), or two differently
+    numbered labels anywhere (`Query 1: ... Query 2: ...`). An answer: a line that opens with `Answer:`,
+    `Solution:` or `Hint:`. Material a query works on (`Example 1:`, `Response:`, a numbered list) is fine. One
+    leading label and a matching pair of surrounding quotes are dropped."""
     body = text.strip()
     if not body:
         return "", "empty"
-    if len(_LABEL_LINE.findall(body)) >= 2:
+    if len(_LABEL_LINE.findall(body)) >= 2 or len(set(_NUMBERED.findall(body))) >= 2:
         return body, "several queries"
     if _ANSWER_LINE.search(body):
         return body, "adds an answer or hint"
-    body = _LEADING_LABEL.sub("", body, count=1).strip().strip("\"'“”").strip()
+    body = _LEADING_LABEL.sub("", body, count=1).strip()
+    if len(body) >= 2 and _QUOTES.get(body[0]) == body[-1]:
+        body = body[1:-1].strip()
     if not body:
         return "", "empty"
     return body, None
 
 
 # -- the game -------------------------------------------------------------------------------------------------
+
+def _checked(verdicts: list[Verdict], items: list[JudgeItem], key: str) -> list[Verdict]:
+    if len(verdicts) != len(items):
+        raise ArenaError(f"{key}: the judge returned {len(verdicts)} verdicts for {len(items)} answers; a judge "
+                         "must return one verdict per item, in order")
+    return verdicts
+
 
 class LSPGame(Game):
     """Language Self-Play: a Challenger writes queries, a Solver answers them, one model plays both."""
@@ -160,6 +180,10 @@ class LSPGame(Game):
         if options.eval_size:
             records = [r for r in load_records(options.eval_dataset, "game.eval_dataset")
                        if len(r["prompt"]) <= options.max_eval_prompt_chars]
+            if not records:
+                raise ConfigError("eval_dataset", f"{options.eval_dataset}: no prompt of at most "
+                                                  f"{options.max_eval_prompt_chars} characters "
+                                                  "(max_eval_prompt_chars); raise it or set eval_size=0")
             random.Random(env.config.run.seed).shuffle(records)
             self.eval_records = records[:options.eval_size]
         self._roles = {
@@ -198,8 +222,9 @@ class LSPGame(Game):
             answers = dict(zip(asked, outs))
         items = [JudgeItem(prompt=prompts[i], response=g.text) for i in asked for g in answers[i]]
         with ctx.phase("judge"):
-            verdicts = ctx.judge.judge(items) if items else []
-            qverdicts = self.quality.judge(items) if (self.quality is not None and items) else None
+            verdicts = _checked(ctx.judge.judge(items) if items else [], items, "judge")
+            qverdicts = (_checked(self.quality.judge(items) if items else [], items, "game.quality_judge")
+                         if self.quality is not None else None)
         by_query: dict[int, list[tuple[Verdict, Verdict | None]]] = {i: [] for i in asked}
         k = 0
         for i in asked:

@@ -45,9 +45,9 @@ class GRPOOptions:
 
 
 def group_advantages(samples: Sequence[Sample], normalize_std: bool = False, eps: float = 1e-6) -> list[float | None]:
-    """Advantage of each sample: a game-set `advantage` is kept; otherwise reward minus the mean reward of its
-    (role, group), divided by the group's (population) standard deviation when `normalize_std`. Samples with no
-    reward get None. A group of one has advantage 0."""
+    """Advantage of each sample: samples with no reward get None; a game-set `advantage` is kept as it is (no
+    std normalisation: the game's rules define it); otherwise reward minus the mean reward of its (role, group),
+    divided by the group's (population) standard deviation when `normalize_std`. A group of one has advantage 0."""
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
     for s in samples:
         if s.advantage is None and s.reward is not None:
@@ -59,10 +59,10 @@ def group_advantages(samples: Sequence[Sample], normalize_std: bool = False, eps
         stats[key] = (mean, std)
     out: list[float | None] = []
     for s in samples:
-        if s.advantage is not None:
-            out.append(s.advantage)
-        elif s.reward is None:
+        if s.reward is None:  # an invalid verdict is never trained on, whatever advantage a game set
             out.append(None)
+        elif s.advantage is not None:
+            out.append(s.advantage)
         else:
             mean, std = stats[(s.role, s.group)]
             out.append((s.reward - mean) / (std + eps) if normalize_std else s.reward - mean)

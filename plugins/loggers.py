@@ -71,7 +71,7 @@ class ConsoleLogger(PlainLogger):
         self.last_rate = ""
 
     def _print(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, markup=False)  # model text may hold "[/x]"
 
     def _show(self, run: Any, phase: str) -> None:
         if self.status is not None:

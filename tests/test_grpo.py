@@ -49,8 +49,13 @@ def test_invalid_rewards_give_none_and_leave_the_baseline():
 
 
 def test_game_set_advantages_are_kept_and_leave_the_baseline():
-    samples = [S(1.0), S(100.0, advantage=0.25), S(3.0), S(None, advantage=-0.5)]
-    assert group_advantages(samples) == [-1.0, 0.25, 1.0, -0.5]
+    samples = [S(1.0), S(100.0, advantage=0.25), S(3.0)]
+    assert group_advantages(samples) == [-1.0, 0.25, 1.0]
+
+
+def test_an_invalid_reward_is_never_trained_on_even_with_a_game_set_advantage():
+    # Sample's contract: reward None (an invalid verdict) is recorded, not trained on
+    assert group_advantages([S(None, advantage=-0.5), S(2.0, advantage=0.5)]) == [None, 0.5]
 
 
 # -- grpo_token_loss ------------------------------------------------------------------------------------------

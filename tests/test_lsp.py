@@ -68,10 +68,18 @@ def test_malformed_queries_get_the_format_penalty_below_the_worst_well_formed_on
     s = lsp_scores(R, None, [True, False, True], format_penalty=1.5)
     assert s.solver_reward[1] == [] and s.value[1] is None
     assert s.challenger_reward == approx([-3.0, -7.5, -6.0])  # min(-3, -6) - 1.5
-    assert s.challenger_advantage == approx([-3.0 + 5.5, -7.5 + 5.5, -6.0 + 5.5])
     assert s.value_mean == pytest.approx(4.5)  # V̄ counts well-formed queries only
+    # the baseline is the well-formed queries' mean (-V̄), so LSP-Zero's V̄ - V(q) holds and the malformed one loses
+    assert s.challenger_advantage == approx([4.5 - 3.0, -7.5 + 4.5, 4.5 - 6.0])
     none_ok = lsp_scores([[], []], None, [False, False], format_penalty=1.0)
-    assert none_ok.challenger_reward == [-1.0, -1.0] and none_ok.challenger_advantage == [0.0, 0.0]
+    assert none_ok.challenger_reward == [-1.0, -1.0] and none_ok.challenger_advantage == [-1.0, -1.0]
+
+
+def test_rows_must_match():
+    with pytest.raises(ValueError):
+        lsp_scores([[1.0, 2.0]], [[1.0]], [True], 1.0)
+    with pytest.raises(ValueError):
+        lsp_scores([[1.0]], None, [True, True], 1.0)
 
 
 # -- parsing the Challenger's output --------------------------------------------------------------------------
@@ -79,12 +87,19 @@ def test_malformed_queries_get_the_format_penalty_below_the_worst_well_formed_on
 @pytest.mark.parametrize("text,query,problem", [
     ("What is the capital of Mongolia?", "What is the capital of Mongolia?", None),
     ("  Query: Explain how a heat pump works.\n", "Explain how a heat pump works.", None),
+    ("Query 1: Explain how a heat pump works.", "Explain how a heat pump works.", None),
     ('"Write a haiku about rust."', "Write a haiku about rust.", None),
+    ("Translate 'hello'", "Translate 'hello'", None),  # an unmatched quote stays
     ("Compare these:\n1. apples\n2. pears", "Compare these:\n1. apples\n2. pears", None),
+    ("Solve it.\nExample 1:\nInput: [1,2]\nExample 2:\nInput: [3]", None, None),
+    ("Task: sort a list.\nQuestion: which algorithm is fastest here?", None, None),
+    ("Make this reply politer.\nResponse: go away.", None, None),
+    ("Why is the answer to 2+2 four?", None, None),
     ("", "", "empty"),
     ("   \n ", "", "empty"),
     ("Query:", "", "empty"),
     ("Query 1: What is 2+2?\nQuery 2: Name a river.", None, "several queries"),
+    ("Query 1: What is 2+2? Query 2: Name a river.", None, "several queries"),
     ("Question: What is 2+2?\nQuestion: Why?", None, "several queries"),
     ("What is 2+2?\nAnswer: 4", None, "adds an answer or hint"),
     ("Solve x^2=4.\nHint: factor it.", None, "adds an answer or hint"),
@@ -96,6 +111,105 @@ def test_parse_query(text, query, problem):
         assert got_query == query
 
 
+# -- one round with scripted outputs and verdicts -------------------------------------------------------------
+
+class ScriptedPolicy:
+    """Challenger outputs are given; the Solver's answer j to query q is the text "a<j>|<q>"."""
+
+    generated_tokens = 0
+
+    def __init__(self, queries):
+        self.queries = queries
+
+    def generate(self, prompts, *, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, greedy=False,
+                 reference=False):
+        from arena.types import Generation
+
+        def gen(text):
+            return Generation(prompt_ids=[1, 2], completion_ids=[3, 4], logprobs=[-0.5, -0.5], text=text)
+
+        if "<task>" in prompts[0][-1]["content"]:
+            assert n == len(self.queries)
+            return [[gen(q) for q in self.queries]]
+        return [[gen(f"a{j}|{p[-1]['content']}") for j in range(n)] for p in prompts]
+
+
+class TableJudge:
+    """Scores from a table keyed by response text; None in the table is an invalid verdict."""
+
+    def __init__(self, table):
+        self.table, self.seen = table, []
+
+    def judge(self, items):
+        from arena.types import Verdict
+
+        self.seen.append([i.response for i in items])
+        return [Verdict.invalid("scripted") if self.table[i.response] is None
+                else Verdict(self.table[i.response], details={"scripted": i.response}) for i in items]
+
+
+def test_play_routes_each_verdict_to_its_sample():
+    import random
+
+    from omegaconf import OmegaConf
+
+    from arena.games.lsp import LSPGame, LSPOptions
+    from arena.interfaces import Env, RoundContext
+    from arena.registry import load_registry
+
+    env = Env(config=OmegaConf.create({"run": {"seed": 0}}), registry=load_registry())
+    game = LSPGame(LSPOptions(queries=3, answers=2, quality_reward=False, eval_size=0), env)
+    R = TableJudge({"a0|What is 2+2?": 3.0, "a1|What is 2+2?": None, "a0|Name a river.": 1.0,
+                    "a1|Name a river.": 5.0})
+    game.quality = TableJudge({"a0|What is 2+2?": 2.0, "a1|What is 2+2?": 2.0, "a0|Name a river.": None,
+                               "a1|Name a river.": 1.0})
+    policy = ScriptedPolicy(["What is 2+2?", "Query 1: a? Query 2: b?", '"Name a river."'])
+    ctx = RoundContext(iteration=7, policy=policy, judge=R, rng=random.Random(0), env=env)
+    samples = game.play(ctx)
+
+    assert R.seen == [["a0|What is 2+2?", "a1|What is 2+2?", "a0|Name a river.", "a1|Name a river."]]
+    challengers = [s for s in samples if s.role == "challenger"]
+    solvers = {s.completion: s for s in samples if s.role == "solver"}
+    assert [c.metadata["format_error"] for c in challengers] == [None, "several queries", None]
+    assert sorted(solvers) == sorted(R.seen[0])  # the malformed query got no answers
+    # query 0: only answer 0 is scored (answer 1's R is invalid): reward 3 + 2, V = 3, V_Q = 2
+    assert solvers["a0|What is 2+2?"].reward == 5.0 and solvers["a0|What is 2+2?"].advantage == 0.0
+    assert solvers["a1|What is 2+2?"].reward is None and solvers["a1|What is 2+2?"].metadata["valid"] is False
+    assert solvers["a1|What is 2+2?"].metadata["verdict"]["error"] == "scripted"
+    # query 2: answer 0's R_Q is invalid, so only answer 1 counts: reward 5 + 1, V = 5, V_Q = 1
+    assert solvers["a0|Name a river."].reward is None and solvers["a0|Name a river."].metadata["R"] == 1.0
+    assert solvers["a1|Name a river."].reward == 6.0
+    assert solvers["a1|Name a river."].metadata["verdict"] == {"scripted": "a1|Name a river."}
+    assert [c.reward for c in challengers] == [-1.0, -5.0, -4.0]  # -V+V_Q; malformed: min(-1, -4) - 1
+    assert [c.advantage for c in challengers] == [1.5, -2.5, -1.5]  # baseline: mean(-1, -4)
+    assert challengers[2].metadata["query"] == "Name a river."
+    assert {s.group for s in samples if s.role == "solver"} == {"7:0", "7:2"}
+    assert ctx.metrics["lsp/value"] == 4.0 and ctx.metrics["lsp/malformed_queries"] == 1.0
+    assert ctx.notes["query"] == "What is 2+2?"
+
+
+def test_a_judge_returning_too_few_verdicts_is_a_clear_error():
+    import random
+
+    from omegaconf import OmegaConf
+
+    from arena.errors import ArenaError
+    from arena.games.lsp import LSPGame, LSPOptions
+    from arena.interfaces import Env, RoundContext
+    from arena.registry import load_registry
+
+    class Short(TableJudge):
+        def judge(self, items):
+            return super().judge(items)[:-1]
+
+    env = Env(config=OmegaConf.create({"run": {"seed": 0}}), registry=load_registry())
+    game = LSPGame(LSPOptions(queries=1, answers=2, quality_reward=False, eval_size=0), env)
+    judge = Short({"a0|Hi?": 1.0, "a1|Hi?": 2.0})
+    ctx = RoundContext(iteration=1, policy=ScriptedPolicy(["Hi?"]), judge=judge, rng=random.Random(0), env=env)
+    with pytest.raises(ArenaError, match="judge: the judge returned 1 verdicts for 2 answers"):
+        game.play(ctx)
+
+
 # -- rounds on the tiny model ---------------------------------------------------------------------------------
 
 TINY_LSP = ["game.queries=3", "game.answers=2", "game.challenger_max_new_tokens=8", "game.solver_max_new_tokens=6",
@@ -103,14 +217,15 @@ TINY_LSP = ["game.queries=3", "game.answers=2", "game.challenger_max_new_tokens=
 MIX = "judge={name: mix, judges: [{name: self_reward, weight: 1.0}, {name: llm_judge, weight: 0.5}]}"
 
 
-def check_round_arithmetic(samples: list[dict], quality: bool) -> None:
-    """Every Challenger reward and every advantage follows from the Solver samples of the same round, as read
-    back from samples.jsonl."""
+def check_round_arithmetic(samples: list[dict], quality: bool, format_penalty: float = 1.0) -> None:
+    """Every reward and advantage follows from the Solver samples of the same round, as read back from
+    samples.jsonl: Solver R (+ R_Q) minus its query's mean, Challenger -V(q) (+ V_Q(q)) minus the well-formed
+    queries' mean, a malformed query `format_penalty` below the worst well-formed one."""
     for it in sorted({s["iteration"] for s in samples}):
         round_ = [s for s in samples if s["iteration"] == it]
         challengers = [s for s in round_ if s["role"] == "challenger"]
         assert challengers
-        rewards = []
+        well_formed = []
         for ch in challengers:
             answers = [s for s in round_ if s["role"] == "solver" and s["metadata"]["query_index"]
                        == ch["metadata"]["query_index"]]
@@ -128,9 +243,12 @@ def check_round_arithmetic(samples: list[dict], quality: bool) -> None:
             vq = sum(s["metadata"]["R_Q"] for s in scored) / len(scored) if quality else 0.0
             assert ch["reward"] == pytest.approx(-v + vq)
             assert ch["metadata"]["value"] == pytest.approx(v)
-            rewards.append(ch["reward"])
-        mean = sum(c["reward"] for c in challengers) / len(challengers)
-        assert all(c["advantage"] == pytest.approx(c["reward"] - mean) for c in challengers)
+            well_formed.append(ch["reward"])
+        baseline = sum(well_formed) / len(well_formed) if well_formed else 0.0
+        for ch in challengers:
+            if ch["metadata"]["format_error"]:
+                assert ch["reward"] == pytest.approx(min(well_formed, default=0.0) - format_penalty)
+            assert ch["advantage"] == pytest.approx(ch["reward"] - baseline)
 
 
 def test_lsp_round_with_a_mixed_judge_on_the_tiny_model(tiny_config, capsys):
@@ -171,6 +289,7 @@ def test_lsp_zero_has_no_quality_reward_and_resumes(tiny_config, capsys):
     assert "resuming at iteration 2" in capsys.readouterr().out
     samples = list(read_jsonl(run / "samples.jsonl"))
     assert sorted({s["iteration"] for s in samples}) == [1, 2]
+    assert any(s["role"] == "solver" for s in samples)
     assert all(s["metadata"]["R_Q"] is None for s in samples if s["role"] == "solver")
     assert all(s["metadata"]["quality_value"] is None for s in samples if s["role"] == "challenger")
     check_round_arithmetic(samples, quality=False)
