@@ -387,3 +387,25 @@ def test_cpu_gqa_attention_equals_transformers_sdpa(policy, base_model):
     want, want_grad = run(base_model)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa(heads, kv_heads, mask_kind, dtype):
+    from arena.plugins.hf import _decode_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(5, heads, 1, 16).to(dtype)
+    k, v = torch.randn(5, kv_heads, 12, 16).to(dtype), torch.randn(5, kv_heads, 12, 16).to(dtype)
+    keep = torch.ones(5, 1, 1, 12, dtype=torch.bool)
+    keep[1, ..., :4] = False  # left padding
+    keep[3, ..., :7] = False
+    mask = {"bool": keep, "float": torch.zeros(keep.shape).masked_fill(~keep, float("-inf")), "none": None}[mask_kind]
+    group = heads // kv_heads
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1),
+        attn_mask=mask, scale=0.3).transpose(1, 2)
+    got = _decode_attention(q, k, v, mask, 0.3)
+    assert got.shape == (5, 1, heads, 16) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
