@@ -77,6 +77,7 @@ class HFBackend(Backend):
         lora = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                           target_modules=list(m.lora.target_modules), task_type="CAUSAL_LM")
         self.model = get_peft_model(model, lora)
+        _keep_lora_inputs_low_precision(self.model)
         if model.config._attn_implementation == "sdpa" and self.device == "cpu":
             model.set_attn_implementation(_register_cpu_gqa_sdpa())
         # generate feeds the head a strided hidden[:, -1:]; in bf16 that takes a bmm path that copies the weight
@@ -295,6 +296,40 @@ def _sample(scaled: torch.Tensor, lse: torch.Tensor, top_p: float) -> torch.Tens
     cdf = probs.cumsum_(-1)
     u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """x @ W^T for a low-precision x (bf16) and a float32 W, saving x as it came. peft casts x to float32 in
+    each LoRA layer and autograd then keeps those float32 copies: three of the same input for q, k and v, per
+    layer. The cast is exact, so saving x and casting again in backward gives the same gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.linear(x.to(weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (grad.flatten(0, -2).t() @ x.flatten(0, -2).to(grad.dtype)) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def _keep_lora_inputs_low_precision(model: torch.nn.Module) -> None:
+    """In a bf16 model with float32 adapters, let each LoRA A take the bf16 input itself (`_UpcastLinear`)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    for module in model.modules():
+        if not isinstance(module, LoraLinear) or module.lora_variant:
+            continue
+        parts = list(module.lora_A.values())
+        base_dtype = module.get_base_layer().weight.dtype
+        if not parts or any(a.bias is not None or a.weight.dtype == base_dtype for a in parts):
+            continue
+        module.cast_input_dtype_enabled = False  # peft's own cast; each A now casts in _UpcastLinear
+        for a in parts:
+            a.forward = lambda x, a=a: _UpcastLinear.apply(x, a.weight)
 
 
 def _cpu_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -364,6 +364,47 @@ def test_bfloat16_backend_samples_and_trains(tiny_model_dir):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
 
 
+def test_bf16_lora_saving_its_bf16_input_gives_peft_gradients(tiny_model_dir):
+    """With a bf16 base and float32 adapters, each LoRA A keeps the bf16 input for backward instead of peft's
+    float32 copies: the gradients must be the ones peft's own path gives, and fewer bytes are saved."""
+    from arena.plugins.hf import HFBackend, HFOptions
+
+    env = make_env(tiny_model_dir)
+    env.config.model.dtype = "bfloat16"
+    prompts = [make_backend(tiny_model_dir, perturb=False).encode_chat(c) for c in chats(3)]
+    completions = [[100 + i, 200 + i, 300 + i] for i in range(3)]
+
+    def grads_and_saved(patched):
+        torch.manual_seed(0)
+        policy = HFBackend(HFOptions(), env)
+        with torch.no_grad():
+            for name, p in policy.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        if not patched:  # undo: peft's cast, and the plain nn.Linear forward of each A
+            for module in policy.model.modules():
+                if getattr(module, "cast_input_dtype_enabled", True) is False:
+                    module.cast_input_dtype_enabled = True
+                    for a in module.lora_A.values():
+                        del a.forward
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logp = policy.sequence_logprobs(prompts, completions)
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+        return [p.grad.clone() for p in policy.trainable_parameters()], sum(saved.values())
+
+    (ours, ours_bytes), (peft, peft_bytes) = grads_and_saved(True), grads_and_saved(False)
+    assert any(g.abs().sum() > 0 for g in peft)
+    for a, b in zip(ours, peft):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert ours_bytes < peft_bytes
+
+
 def test_cpu_gqa_attention_equals_transformers_sdpa(policy, base_model):
     """The backend swaps in masked grouped-query SDPA (no K/V copies kept for backward); logits and gradients
     on a left-padded batch must equal transformers' own `sdpa`, which repeats K/V per head."""
