@@ -3,6 +3,8 @@ config checks, and a round on the tiny model with judges whose scores the test c
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from arena.games.lsp import lsp_scores, parse_query
@@ -301,13 +303,17 @@ def test_lsp_zero_has_no_quality_reward_and_resumes(tiny_config, capsys):
     ("game.challenger_template=Write a query.", "game.challenger_template"),
     ("game.queries=0", "game.queries"),
     ("optimizer.roles.judge.weight=2", "optimizer.roles.judge"),
+    ("game.eval_dataset=no/such/file.jsonl", "game.eval_dataset"),
+    ("game.max_eval_prompt_chars=0", "game.eval_dataset"),
 ])
 def test_bad_lsp_config_is_one_line_naming_the_key(tiny_config, capsys, override, key):
     from arena.cli import main
 
+    run = next(v.split("=", 1)[1] for v in tiny_config if v.startswith("run.dir="))
     assert main(["play", "lsp", *tiny_config, *TINY_LSP, override]) == 2
     err = capsys.readouterr().err.strip()
     assert key in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not os.path.exists(run), "a bad config must leave no run folder behind"
 
 
 @pytest.mark.slow
