@@ -92,3 +92,12 @@ class Verdict:
     @classmethod
     def invalid(cls, reason: str, **details: Any) -> "Verdict":
         return cls(score=float("nan"), valid=False, details={"error": reason, **details})
+
+
+def score_summary(verdicts: list[Verdict]) -> dict[str, float]:
+    """`valid_frac`, and the mean `score` of the valid verdicts when there is one: a game's held-out metrics."""
+    valid = [v.score for v in verdicts if v.valid]
+    out = {"valid_frac": len(valid) / len(verdicts)} if verdicts else {}
+    if valid:
+        out["score"] = sum(valid) / len(valid)
+    return out

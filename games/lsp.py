@@ -26,7 +26,7 @@ from arena.data import load_records
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, Judge, RoundContext
-from arena.types import JudgeItem, Messages, Role, Sample, Verdict
+from arena.types import JudgeItem, Messages, Role, Sample, Verdict, score_summary
 
 TASK = ("Answer a user's request helpfully, correctly and clearly: questions of fact, reasoning, math, coding, "
         "writing and advice.")
@@ -225,12 +225,9 @@ class LSPGame(Game):
             verdicts = _checked(ctx.judge.judge(items) if items else [], items, "judge")
             qverdicts = (_checked(self.quality.judge(items) if items else [], items, "game.quality_judge")
                          if self.quality is not None else None)
-        by_query: dict[int, list[tuple[Verdict, Verdict | None]]] = {i: [] for i in asked}
-        k = 0
-        for i in asked:
-            for _ in answers[i]:
-                by_query[i].append((verdicts[k], qverdicts[k] if qverdicts is not None else None))
-                k += 1
+        pairs = iter(zip(verdicts, qverdicts if qverdicts is not None else [None] * len(verdicts)))
+        by_query: dict[int, list[tuple[Verdict, Verdict | None]]] = {i: [next(pairs) for _ in answers[i]]
+                                                                     for i in asked}
         well_formed = [problem is None for _, problem in parsed]
         R = [[v.score if v.valid else None for v, _ in by_query.get(i, [])] for i in range(len(parsed))]
         RQ = ([[q.score if q.valid else None for _, q in by_query.get(i, [])] for i in range(len(parsed))]
@@ -269,11 +266,7 @@ class LSPGame(Game):
         prompts = [self.solver_prompt(r["prompt"]) for r in self.eval_records]
         outs = ctx.policy.generate(prompts, n=1, max_new_tokens=self.options.solver_max_new_tokens, greedy=True)
         verdicts = ctx.judge.judge([JudgeItem(prompt=p, response=g[0].text) for p, g in zip(prompts, outs)])
-        valid = [v.score for v in verdicts if v.valid]
-        out = {"valid_frac": len(valid) / len(verdicts)}
-        if valid:
-            out["score"] = sum(valid) / len(valid)
-        return out
+        return score_summary(verdicts)
 
 
 @hookimpl

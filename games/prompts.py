@@ -15,7 +15,7 @@ from arena.data import load_records
 from arena.errors import ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
-from arena.types import JudgeItem, Messages, Role, Sample
+from arena.types import JudgeItem, Messages, Role, Sample, score_summary
 
 
 @dataclass
@@ -91,11 +91,7 @@ class PromptsGame(Game):
         outs = ctx.policy.generate(prompts, n=1, max_new_tokens=self.options.max_new_tokens, greedy=True)
         verdicts = ctx.judge.judge([JudgeItem(prompt=p, response=g[0].text, reference=r.get("answer"))
                                     for p, r, g in zip(prompts, self.eval_records, outs)])
-        valid = [v.score for v in verdicts if v.valid]
-        out = {"valid_frac": len(valid) / len(verdicts)}
-        if valid:
-            out["score"] = sum(valid) / len(valid)
-        return out
+        return score_summary(verdicts)
 
     def state_dict(self) -> dict[str, Any]:
         return {"cursor": self.cursor}

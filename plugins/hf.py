@@ -41,6 +41,13 @@ def _left_pad(seqs: Sequence[list[int]], pad: int, device: str) -> tuple[torch.T
     return ids.to(device), mask.to(device)
 
 
+def _distinct(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct prompts in first-seen order, and for each input row the index of its prompt among them."""
+    index: dict[tuple[int, ...], int] = {}
+    rows = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return [list(p) for p in index], rows
+
+
 def _common_prefix(seqs: Sequence[list[int]]) -> int:
     first = seqs[0]
     n = min(len(s) for s in seqs)
@@ -80,8 +87,8 @@ class HFBackend(Backend):
         _keep_lora_inputs_low_precision(self.model)
         if model.config._attn_implementation == "sdpa" and self.device == "cpu":
             model.set_attn_implementation(_register_cpu_gqa_sdpa())
-        # generate feeds the head a strided hidden[:, -1:]; in bf16 that takes a bmm path that copies the weight
-        # per row (+1.7 GB, +1.2 s on the benchmark). A contiguous input keeps it one plain matmul.
+        # logits_to_keep=1 feeds the head a strided hidden[:, -1:]; in bf16 that takes a bmm path that copies the
+        # weight per row (+1.7 GB, +1.2 s on the benchmark). A contiguous input keeps it one plain matmul.
         model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
         self.model.eval()
         self.pad_id = self.tokenizer.pad_token_id
@@ -135,12 +142,12 @@ class HFBackend(Backend):
     def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                         greedy: bool, reference: bool) -> list[Generation]:
         """Our own decode loop rather than `model.generate`: each distinct prompt is prefilled once and its KV
-        cache gathered to its samples, tokens are drawn by inverse-CDF (torch.multinomial costs ~27 ms per step
-        over a 49k vocabulary on 2 cores; this ~1 ms), and log p(token) at temperature T is recorded as drawn."""
+        cache gathered to its samples, tokens are drawn by `_sample`, and log p(token) at temperature T is
+        recorded as drawn."""
         t = 1.0 if greedy else temperature
-        distinct: dict[tuple[int, ...], int] = {}
-        row_prompt = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=self.device)
-        ids, mask = _left_pad([list(p) for p in distinct], self.pad_id, self.device)
+        distinct, rows_of = _distinct(prompts)
+        row_prompt = torch.tensor(rows_of, device=self.device)
+        ids, mask = _left_pad(distinct, self.pad_id, self.device)
         eos = torch.tensor(sorted(self.eos_ids), device=self.device)
         rows = len(prompts)
         tokens = torch.full((rows, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
@@ -227,15 +234,14 @@ class HFBackend(Backend):
             comp[i, :len(c)] = torch.tensor(c)
             comp_mask[i, :len(c)] = 1
         comp, comp_mask = comp.to(self.device), comp_mask.to(self.device)
-        distinct: dict[tuple[int, ...], int] = {}
-        row_prompt = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
+        distinct, row_prompt = _distinct(prompt_ids)
         share = self.options.share_prompts and len(distinct) < len(prompt_ids)
         grad = not reference and torch.is_grad_enabled()
         base = self.model.get_base_model()
         decoder, head = base.get_decoder(), base.get_output_embeddings()
         with self._adapter(reference), (contextlib.nullcontext() if grad else torch.no_grad()):
             if share:
-                prompt, prompt_mask = _left_pad([list(p) for p in distinct], self.pad_id, self.device)
+                prompt, prompt_mask = _left_pad(distinct, self.pad_id, self.device)
                 first = decoder(input_ids=prompt, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
                                 use_cache=True)
                 index = torch.tensor(row_prompt, device=self.device)
