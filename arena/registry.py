@@ -3,9 +3,11 @@
 Entry points of the `arena` group are loaded one by one (pluggy's own loader stops at the first that raises): a
 plugin that fails to import is recorded by name with its error and the others still load. Built-ins come through
 the same group. Environment switches:
-  ARENA_PLUGINS=a,b        load only these third-party entry points ("" loads none); built-ins always load
-  ARENA_PLUGINS_DIR=dir    also load every *.py file in dir as a plugin (quick experiments, no packaging)
-  ARENA_TRACE_PLUGINS=1    print every hook call and its result to stderr
+  ARENA_PLUGINS=a,b        load only these third-party entry points ("" loads none); built-ins always load; a name
+                           that matches no installed plugin is warned about (ArenaWarning)
+  ARENA_PLUGINS_DIR=dir    also load every *.py file in dir as a plugin (quick experiments, no packaging); a dir
+                           that is not a folder is warned about
+  ARENA_TRACE_PLUGINS=1    print every hook call and its result to stderr, registration hooks included
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import warnings
 from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +24,7 @@ from typing import Any, Callable
 import pluggy
 
 from arena import hookspecs
-from arena.errors import ArenaError, ConfigError
+from arena.errors import ArenaError, ArenaWarning, ConfigError
 
 DISTRIBUTION = "arena-selfplay"
 KINDS = ("game", "judge", "optimizer", "backend", "logger")
@@ -65,11 +68,15 @@ class Registry:
         return self.entries[kind][name]
 
     def build(self, kind: str, spec: Any, env: Any, path: str | None = None) -> Any:
-        """Validate `spec` ({name: X, ...options}) against X's Options and construct X(options, env)."""
-        from arena.config import validate_component
+        """Construct X(options, env) from `spec`: a resolved `Component` (validated once, when the config
+        resolved) or a plain {name: X, ...options}, validated here against X's Options."""
+        from arena.config import Component, validate_component
 
         path = path or kind
-        options, entry = validate_component(self, kind, spec, path)
+        if isinstance(spec, Component):
+            options, entry = spec.options, self.get(kind, spec.name, path)
+        else:
+            options, entry = validate_component(self, kind, spec, path)
         try:
             return entry.obj(options, env)
         except ConfigError as exc:  # a component's own key errors are relative to its section
@@ -78,14 +85,19 @@ class Registry:
             raise ConfigError(f"{path}.{exc.path}" if exc.path else path, exc.detail) from None
 
     def _collect(self, plugin_name: str) -> None:
-        """Call the registration hooks of one plugin and file what it registers under its name."""
+        """Call the registration hooks of one plugin and file what it registers under its name. The hooks are
+        called through pluggy (so ARENA_TRACE_PLUGINS traces them), with every other plugin left out: that is
+        what attributes each name to its plugin, and one plugin's error cannot stop another's registration."""
         plugin = self.pm.get_plugin(plugin_name)
-        for kind in KINDS:
-            hook_name = f"register_{kind}s"
-            impl = getattr(plugin, hook_name, None)
-            if impl is None:
-                continue
+        _check_hooks(self.pm, plugin, plugin_name)
+        others = [p for name, p in self.pm.list_name_plugin() if name != plugin_name]
 
+        def call(hook_name: str, register: Callable[..., None]) -> None:
+            if any(impl.plugin is plugin for impl in getattr(self.pm.hook, hook_name).get_hookimpls()):
+                register.__qualname__ = f"register for {plugin_name!r}"  # whose call it is, in traces
+                self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+
+        for kind in KINDS:
             def register(name: str, obj: Any, help: str = "", _kind: str = kind) -> None:
                 if name in self.entries[_kind]:
                     other = self.entries[_kind][name].plugin
@@ -96,23 +108,44 @@ class Registry:
                 doc = help or next(iter((obj.__doc__ or "").strip().splitlines()), "")
                 self.entries[_kind][name] = Entry(name, obj, plugin_name, doc)
 
-            impl(register=register)
-        impl = getattr(plugin, "register_commands", None)
-        if impl is not None:
-            def register_command(name: str, run: Callable, help: str = "", configure: Callable | None = None):
-                if name in self.commands:
-                    other = self.commands[name].plugin
-                    raise ArenaError(f"command {name!r} is registered by both {other!r} and {plugin_name!r}")
-                self.commands[name] = Command(name, run, plugin_name, help, configure)
+            call(f"register_{kind}s", register)
 
-            impl(register=register_command)
+        def register_command(name: str, run: Callable, help: str = "", configure: Callable | None = None) -> None:
+            if name in self.commands:
+                other = self.commands[name].plugin
+                raise ArenaError(f"command {name!r} is registered by both {other!r} and {plugin_name!r}")
+            self.commands[name] = Command(name, run, plugin_name, help, configure)
+
+        call("register_commands", register_command)
 
 
-def _allowed_third_party() -> set[str] | None:
+def _check_hooks(pm: pluggy.PluginManager, plugin: Any, plugin_name: str) -> None:
+    """pluggy quietly ignores a hook function without @hookimpl and accepts a misspelt hook name: both would
+    leave a plugin doing nothing with no word why, so both fail the plugin instead."""
+    specs = [name for name in vars(hookspecs) if hasattr(getattr(hookspecs, name), "arena_spec")]
+    for caller in pm.get_hookcallers(plugin) or []:
+        if not caller.has_spec():
+            raise ArenaError(f"plugin {plugin_name!r} implements {caller.name!r}, which is no arena hook; "
+                             f"the hooks are: {', '.join(specs)}")
+    for name in specs:
+        if callable(getattr(plugin, name, None)) and not any(
+                impl.plugin is plugin for impl in getattr(pm.hook, name).get_hookimpls()):
+            raise ArenaError(f"plugin {plugin_name!r} defines {name} without @hookimpl (from arena import "
+                             "hookimpl), so it would never be called")
+
+
+def _allowed_third_party(eps: list[importlib.metadata.EntryPoint]) -> set[str] | None:
+    """The names ARENA_PLUGINS allows (None: all). A name that matches no installed plugin is most likely a typo
+    that would otherwise quietly load nothing, so it is warned about."""
     raw = os.environ.get("ARENA_PLUGINS")
     if raw is None:
         return None
-    return {name.strip() for name in raw.split(",") if name.strip()}
+    allowed = {name.strip() for name in raw.split(",") if name.strip()}
+    installed = sorted({ep.name for ep in eps if not _builtin(ep)})
+    for name in sorted(allowed - {ep.name for ep in eps}):  # a built-in's name is harmless: built-ins always load
+        warnings.warn(f"ARENA_PLUGINS names {name!r}, which matches no installed plugin; installed: "
+                      f"{', '.join(installed) or '(none)'}", ArenaWarning, stacklevel=3)
+    return allowed
 
 
 def load_registry() -> Registry:
@@ -123,34 +156,51 @@ def load_registry() -> Registry:
         pm.trace.root.setwriter(lambda msg: sys.stderr.write(msg))
         pm.enable_tracing()
     registry = Registry(pm)
-    allowed = _allowed_third_party()
-    for ep in importlib.metadata.entry_points(group="arena"):
-        builtin = ep.dist is not None and ep.dist.name == DISTRIBUTION
-        if not builtin and allowed is not None and ep.name not in allowed:
+    eps = list(importlib.metadata.entry_points(group="arena"))
+    allowed = _allowed_third_party(eps)
+    for ep in eps:
+        if not _builtin(ep) and allowed is not None and ep.name not in allowed:
             continue
-        if pm.get_plugin(ep.name) is not None:
-            continue  # the same entry point seen twice (an editable install can list a dist twice)
-        try:
-            module = ep.load()
-            pm.register(module, name=ep.name)
-            registry._collect(ep.name)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the others down
-            _forget(pm, registry, ep.name)
-            registry.failed[ep.name] = f"{type(exc).__name__}: {exc}"
-    plugins_dir = os.environ.get("ARENA_PLUGINS_DIR")
-    if plugins_dir:
-        for path in sorted(Path(plugins_dir).glob("*.py")):
-            name = f"file:{path.name}"
-            try:
-                spec = importlib.util.spec_from_file_location(f"arena_local_plugin_{path.stem}", path)
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
-                pm.register(module, name=name)
-                registry._collect(name)
-            except Exception as exc:  # noqa: BLE001
-                _forget(pm, registry, name)
-                registry.failed[name] = f"{type(exc).__name__}: {exc}"
+        if pm.get_plugin(ep.name) is None:  # else seen twice (an editable install can list a dist twice)
+            _add(registry, ep.name, ep.load)
+    for path in _plugin_files():
+        _add(registry, f"file:{path.name}", lambda path=path: _load_file(path))
     return registry
+
+
+def _add(registry: Registry, name: str, load: Callable[[], Any]) -> None:
+    """Import, register and collect one plugin; a failure is recorded and undone, never raised, so a broken
+    plugin cannot take the others down."""
+    try:
+        registry.pm.register(load(), name=name)
+        registry._collect(name)
+    except Exception as exc:  # noqa: BLE001
+        _forget(registry.pm, registry, name)
+        registry.failed[name] = f"{type(exc).__name__}: {exc}"
+
+
+def _load_file(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(f"arena_local_plugin_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _builtin(ep: importlib.metadata.EntryPoint) -> bool:
+    return ep.dist is not None and ep.dist.name == DISTRIBUTION
+
+
+def _plugin_files() -> list[Path]:
+    """The *.py files of ARENA_PLUGINS_DIR. A folder that is not there is warned about: a mistyped path would
+    otherwise look like plugins that register nothing."""
+    folder = os.environ.get("ARENA_PLUGINS_DIR")
+    if not folder:
+        return []
+    if not Path(folder).is_dir():
+        problem = "not a folder" if Path(folder).exists() else "no such folder"
+        warnings.warn(f"ARENA_PLUGINS_DIR {folder}: {problem}; no file plugins loaded", ArenaWarning, stacklevel=3)
+        return []
+    return sorted(Path(folder).glob("*.py"))
 
 
 def _forget(pm: pluggy.PluginManager, registry: Registry, name: str) -> None:

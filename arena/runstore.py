@@ -1,25 +1,46 @@
-"""The run directory: config.yaml, samples.jsonl, metrics.jsonl and checkpoints/<iteration>/.
+"""The run folder: config.yaml, samples.jsonl, metrics.jsonl, checkpoints/<iteration>/ and a .lock file.
 
-Each round's lines are appended and flushed to disk before the round's checkpoint is written, and every
-checkpoint records the byte lengths of both JSONL files at that moment. A checkpoint is written under a temporary
-name and renamed into place, so a directory named like an iteration is always complete. `--resume` cuts the JSONL
-files back to the recorded lengths: lines past them belong to a round that will be played again, so a kill -9 at
-any moment neither loses nor duplicates a round. A partial last line from a crash is never parsed as a record.
+Layout of a checkpoint, `checkpoints/000012/`: `adapter/` (what `policy.save` writes), `optimizer.pt`,
+`game_state.json` and `meta.json`: the iteration, the byte lengths of both JSONL files at that moment, and the
+size of every other file in the checkpoint.
+
+Lock: a running run holds an exclusive `flock` on `<run>/.lock` (its pid written inside for the message), so a
+second arena process on the same folder stops with one line instead of interleaving records. The kernel drops the
+lock with the process, so a kill -9 never leaves a stale lock behind.
+
+Durability: each round's lines are appended and fsynced before the round's checkpoint is written. A checkpoint
+is written into `checkpoints/.tmp-<iteration>/`, every file and folder in it is fsynced, and only then is it
+renamed into place (and the parent folder fsynced): a folder named like an iteration is complete on disk even
+after a power cut. Lines are strict JSON: a NaN or infinite number is written as null.
+
+Resume: `restore` loads the newest checkpoint that reads back whole. A damaged one (a missing or short file,
+unparsable JSON, a torch or safetensors file that does not load) is named in an ArenaWarning and left in place,
+and the previous one is used. The JSONL files are then cut back to the lengths that checkpoint recorded: lines
+past them belong to a round that will be played again, so a kill -9 at any moment neither loses nor duplicates a
+round. A partial last line from a crash is never parsed as a record.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
+import pickle
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from arena.errors import ArenaError
+from arena.errors import ArenaError, ArenaWarning
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
+ADAPTER = "adapter"
+OPTIMIZER = "optimizer.pt"
+GAME_STATE = "game_state.json"
+LOCK = ".lock"
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -35,6 +56,18 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(raw)
 
 
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float (nested in dicts, lists, tuples) replaced by None: NaN is not
+    JSON, and a strict reader (jq, JavaScript, pandas with some engines) rejects the whole file over one."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -42,10 +75,13 @@ class RunStore:
         self.metrics_path = self.root / "metrics.jsonl"
         self.config_path = self.root / "config.yaml"
         self.checkpoints = self.root / CHECKPOINTS
+        self.lock_path = self.root / LOCK
+        self._lock_fd: int | None = None
 
+    # -- the folder -------------------------------------------------------------------------------------------
     def check_new(self) -> None:
         """Refuse to start a run in a folder that holds anything: nothing written before is ever overwritten."""
-        if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+        if self.root.exists() and (not self.root.is_dir() or any(p.name != LOCK for p in self.root.iterdir())):
             raise ArenaError(f"run.dir {self.root}: already holds a run; use --resume {self.root} to continue "
                              "it, or choose another run.dir")
 
@@ -59,8 +95,46 @@ class RunStore:
         tmp.write_text(config_yaml)
         tmp.replace(self.config_path)
 
+    # -- the lock ---------------------------------------------------------------------------------------------
+    def lock(self) -> RunStore:
+        """Take the run folder for this process until `unlock` or exit; two processes appending to the same
+        files would interleave rounds. Also `with store.lock(): ...`."""
+        if self._lock_fd is not None:
+            return self
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ArenaError(f"run.dir {self.root}: cannot open {LOCK} ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise ArenaError(f"run.dir {self.root}: another arena process is using this run folder"
+                             f"{f' (pid {holder})' if holder else ''}; wait for it to finish or stop it") from None
+        except OSError as exc:  # a file system without locks
+            os.close(fd)
+            raise ArenaError(f"run.dir {self.root}: cannot lock {LOCK} ({exc.strerror})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        return self
+
+    def unlock(self) -> None:
+        """Release the lock; the file stays (removing it would let two processes lock different files)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor releases the flock
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unlock()
+
+    # -- records ----------------------------------------------------------------------------------------------
     def _append(self, path: Path, records: Iterable[dict[str, Any]]) -> None:
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        data = "".join(json.dumps(finite_json(r), ensure_ascii=False, allow_nan=False) + "\n" for r in records)
         with path.open("a", encoding="utf-8") as f:
             f.write(data)
             f.flush()
@@ -75,8 +149,20 @@ class RunStore:
     def _size(self, path: Path) -> int:
         return path.stat().st_size if path.exists() else 0
 
+    # -- checkpoints ------------------------------------------------------------------------------------------
     def checkpoint_dir(self, iteration: int) -> Path:
         return self.checkpoints / f"{iteration:06d}"
+
+    def save_checkpoint(self, iteration: int, *, policy: Any, optimizer: Any, game: Any, keep: int = 2) -> Path:
+        """Write the adapter, optimizer state and game state as one checkpoint, durable before it is visible;
+        keep the newest `keep` checkpoints (0: all)."""
+        import torch
+
+        tmp = self.begin_checkpoint(iteration)
+        policy.save(str(tmp / ADAPTER))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        (tmp / GAME_STATE).write_text(json.dumps(game.state_dict()))
+        return self.commit_checkpoint(iteration, tmp, keep=keep)
 
     def begin_checkpoint(self, iteration: int) -> Path:
         """A fresh temporary folder to write checkpoint contents into; `commit_checkpoint` publishes it."""
@@ -86,19 +172,24 @@ class RunStore:
         return tmp
 
     def commit_checkpoint(self, iteration: int, tmp: Path, keep: int = 2) -> Path:
+        """Add meta.json, fsync everything, rename into place, prune."""
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = {"iteration": iteration, "samples_bytes": self._size(self.samples_path),
-                "metrics_bytes": self._size(self.metrics_path)}
+                "metrics_bytes": self._size(self.metrics_path), "files": files}
         (tmp / META).write_text(json.dumps(meta))
+        _fsync_tree(tmp)
         final = self.checkpoint_dir(iteration)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(self.checkpoints)
+        _fsync_dir(self.root)  # the first checkpoint also created checkpoints/ itself
         if keep > 0:
             for old in self.complete_checkpoints()[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return final
 
     def complete_checkpoints(self) -> list[Path]:
+        """Renamed checkpoint folders, oldest first (a `.tmp-` folder or one without meta.json is not one)."""
         if not self.checkpoints.is_dir():
             return []
         done = [p for p in self.checkpoints.iterdir()
@@ -110,6 +201,32 @@ class RunStore:
         if not done:
             return None
         return done[-1], json.loads((done[-1] / META).read_text())
+
+    def restore(self, *, policy: Any, optimizer: Any, game: Any) -> dict[str, Any] | None:
+        """Load the newest checkpoint that reads back whole into policy, optimizer and game, rewind the JSONL
+        files to it and return its meta (None: no checkpoint, start over). A damaged checkpoint is warned about
+        and skipped, never deleted; if every one is damaged, stop and change nothing."""
+        damaged: list[str] = []
+        done = self.complete_checkpoints()
+        for i, path in enumerate(reversed(done)):
+            try:
+                meta, opt_state, game_state = _read_checkpoint(path)
+                _load_adapter(policy, path)
+            except _Damage as d:
+                damaged.append(f"{d.file} ({d.reason})")
+                if i + 1 < len(done):
+                    warnings.warn(f"{d.file}: damaged checkpoint ({d.reason}); using the previous one",
+                                  ArenaWarning, stacklevel=2)
+                continue
+            optimizer.load_state_dict(opt_state)  # a failure here is a changed config, not damage: raise it
+            game.load_state_dict(game_state)
+            self.rewind(meta)
+            return meta
+        if damaged:
+            raise ArenaError(f"run.dir {self.root}: every checkpoint is damaged: {'; '.join(damaged)}; "
+                             "nothing was changed")
+        self.rewind(None)
+        return None
 
     def rewind(self, meta: dict[str, Any] | None) -> None:
         """Cut the JSONL files back to a checkpoint's recorded lengths (to empty with no checkpoint)."""
@@ -123,6 +240,87 @@ class RunStore:
                     f.truncate(size)
         for tmp in self.checkpoints.glob(".tmp-*") if self.checkpoints.is_dir() else []:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Damage(Exception):
+    """A checkpoint file that does not read back: `file` is its path, `reason` one short line."""
+
+    def __init__(self, file: Path, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason = file, reason
+
+
+def _is_damage(exc: BaseException) -> bool:
+    """Errors that mean a file's bytes are missing or wrong, as opposed to a checkpoint that does not fit."""
+    if isinstance(exc, (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError, pickle.UnpicklingError)):
+        return True
+    if isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc):  # a cut-off torch zip file
+        return True
+    return type(exc).__name__ == "SafetensorError"  # safetensors has no stable import path for it
+
+
+def _reason(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """meta, optimizer state and game state of a checkpoint, all read before anything is loaded into the run."""
+    import torch
+
+    def read(name: str, load: Any) -> Any:
+        try:
+            return load(path / name)
+        except Exception as exc:
+            if _is_damage(exc):
+                raise _Damage(path / name, _reason(exc)) from exc
+            raise
+
+    meta = read(META, lambda p: json.loads(p.read_bytes()))
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int)
+                                             for k in ("iteration", "samples_bytes", "metrics_bytes")):
+        raise _Damage(path / META, "not a checkpoint record")
+    for name, size in (meta.get("files") or {}).items():  # older checkpoints have no file list
+        actual = (path / name).stat().st_size if (path / name).is_file() else None
+        if actual != size:
+            raise _Damage(path / name, "missing" if actual is None else f"{actual} bytes, {size} written")
+    opt_state = read(OPTIMIZER, lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    game_state = read(GAME_STATE, lambda p: json.loads(p.read_bytes()))
+    return meta, opt_state, game_state
+
+
+def _load_adapter(policy: Any, path: Path) -> None:
+    adapter = path / ADAPTER
+    if not adapter.is_dir():  # a backend might take a missing local folder for a Hub model id
+        raise _Damage(adapter, "missing")
+    try:
+        policy.load(str(adapter))
+    except Exception as exc:
+        if _is_damage(exc):  # a shape mismatch (a changed config) is not damage: it is raised as it is
+            raise _Damage(adapter, _reason(exc)) from exc
+        raise
+
+
+def _read_pid(fd: int) -> str:
+    """The pid the lock holder wrote, or '' (best effort: it may be mid-write)."""
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return text if text.isdigit() else ""
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every folder bottom-up, so a rename cannot become visible before its contents."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
 
 
 def _fsync_dir(path: Path) -> None:

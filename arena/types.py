@@ -41,7 +41,9 @@ class Sample:
 
     `reward` is None when the judge's verdict was invalid: such samples are recorded but not trained on.
     `advantage` is left None for the optimizer to compute from group baselines; a game whose rules define the
-    advantage itself sets it. Samples with the same (role, group) share a baseline.
+    advantage itself sets it. Samples with the same (role, group) share a baseline. `trained` is set by the
+    optimizer: whether this sample's loss was part of the update (samples.jsonl is written after the step, so each
+    record carries the advantage it was trained with).
     """
 
     role: str
@@ -54,6 +56,7 @@ class Sample:
     reward: float | None = None
     advantage: float | None = None
     group: str = ""
+    trained: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

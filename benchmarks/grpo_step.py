@@ -1,16 +1,23 @@
-"""Time one GRPO iteration of the `prompts` game on CPU, and optionally TRL's GRPOTrainer on the same work.
+"""Time one GRPO iteration of the `prompts` game on CPU or a GPU, and optionally TRL's GRPOTrainer on the same
+work.
 
-The work: the embedded model (SmolLM2-135M, `model.path` unset), 8 prompts x 4 samples x at most 64 new tokens,
-LoRA r=16 alpha=32 on q,k,v,o, beta=0.05 (so a reference pass is computed), token-level loss aggregation,
+The work on CPU: the embedded model (SmolLM2-135M, `model.path` unset), 8 prompts x 4 samples x at most 64 new
+tokens, LoRA r=16 alpha=32 on q,k,v,o, beta=0.05 (so a reference pass is computed), token-level loss aggregation,
 temperature 1.0, lr 1e-5, one optimizer update per iteration from micro-batches of arena's default size
-(`optimizer.micro_batch_size`; `--micro-batch` overrides it on both sides), no gradient checkpointing. The prompts are the `arithmetic` set and the judge is `exact_match` (regex on the
-last number: microseconds, so the judge is not what is timed); `run.eval_every=0`.
+(`optimizer.micro_batch_size`; `--micro-batch` overrides it on both sides), no gradient checkpointing. The prompts
+are the `arithmetic` set and the judge is `exact_match` (regex on the last number: microseconds, so the judge is
+not what is timed); `run.eval_every=0`.
 
 Each side runs in its own subprocess, so peak RSS is that side's alone (read with os.wait4, the child's own
 rusage; a sampler thread in the child also records the largest RSS seen in each phase). Iterations: `--warmup`
 untimed, then `--iterations` timed; the median of the timed ones is reported. Both sides run in the same
-invocation because the machines are noisy (DESIGN.md section 9): compare the ratios, not the raw seconds of two
-different runs.
+invocation because the machines are noisy: compare the ratios, not the raw seconds of two different runs.
+
+On a GPU (`--device cuda`) the work is the one runs learn with: 32 prompts x 8 samples x at most 16 new tokens,
+LoRA r=16, lr 2e-5, beta=0 (no reference pass), bfloat16 on both sides unless --dtype/--trl-dtype say otherwise,
+arena's generation batch on auto (all 256 sequences at once) and a micro-batch of 64 on both sides unless
+--micro-batch says otherwise. There the timed calls inside a phase end with a CUDA synchronize, and the
+per-forward hooks are off (they would add a host sync to every decode step); the peak GPU memory is reported.
 
     python benchmarks/grpo_step.py                       # arena only, float32
     python benchmarks/grpo_step.py --dtype float32,bfloat16
@@ -18,6 +25,7 @@ different runs.
     python benchmarks/grpo_step.py --trl --repeat 2      # each side twice, interleaved; medians pooled
     python benchmarks/grpo_step.py --profile             # + torch profiler tables (a separate, untimed run)
     python benchmarks/grpo_step.py --set backend.logits_budget_mb=64   # try an arena knob (arena side only)
+    python benchmarks/grpo_step.py --device cuda --trl   # on a GPU, at the learning settings
 
 Where the time goes: arena's phases are its own `time/generate`, `time/judge`, `time/optimize` metrics; inside
 them, wrappers and forward hooks installed by this script (not by arena) time the hf backend's decode loop, the
@@ -39,7 +47,8 @@ epsilon=0.2, loss_type="dapo" (the number of active tokens in the accumulated ba
 aggregation=token), scale_rewards="none" (arena's normalize_std=false), per_device_train_batch_size=M with
 gradient_accumulation_steps=32/M (arena's micro_batch_size=M), max_grad_norm=1.0, constant lr, no dropout,
 gradient_checkpointing=False, bf16=False with float32 weights, and a reward function that calls arena's own
-`exact_match` judge on the same records.
+`exact_match` judge on the same records. On a GPU the same, at the GPU work's sizes (num_generations=8, 32 prompts,
+max_completion_length=16, beta=0.0, lr 2e-5) and bf16.
 """
 
 from __future__ import annotations
@@ -57,6 +66,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The work per device: on CPU the comparison the CPU numbers were taken with; on a GPU the settings runs learn with.
+WORK = {"cpu": {"PROMPTS": 8, "SAMPLES": 4, "NEW_TOKENS": 64, "BETA": 0.05, "LR": 1e-5},
+        "cuda": {"PROMPTS": 32, "SAMPLES": 8, "NEW_TOKENS": 16, "BETA": 0.0, "LR": 2e-5}}
+DEVICE = "cpu"
 PROMPTS = 8
 SAMPLES = 4
 NEW_TOKENS = 64
@@ -65,6 +78,21 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 BETA = 0.05
 LR = 1e-5
 SEED = 0
+
+
+def use_device(device: str) -> None:
+    """Set the module's work constants for `device`; the parent and each child call it once, first."""
+    global DEVICE, PROMPTS, SAMPLES, NEW_TOKENS, BETA, LR
+    DEVICE = device
+    globals().update(WORK[device])
+
+
+def _sync() -> None:
+    """On a GPU, wait for queued kernels, so that a timed call's wall time is its own."""
+    if DEVICE == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 # -- measuring inside a child ----------------------------------------------------------------------------------
@@ -141,6 +169,7 @@ def _timed(clock: Clock, key: Any, fn: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         finally:
+            _sync()
             clock.add(key(*args, **kwargs) if callable(key) else key, time.perf_counter() - t0)
 
     wrapper.__wrapped__ = fn
@@ -217,7 +246,7 @@ def arena_overrides(args: argparse.Namespace, run_dir: str, iterations: int) -> 
         f"game.max_new_tokens={NEW_TOKENS}",
         "game.temperature=1.0",
         "game.top_p=1.0",
-        "model.device=cpu",
+        f"model.device={DEVICE}",
         f"model.dtype={args.dtype}",
         f"model.lora.r={LORA_R}",
         f"model.lora.alpha={LORA_ALPHA}",
@@ -270,7 +299,8 @@ def run_arena(args: argparse.Namespace, profile: bool = False) -> dict[str, Any]
         def arena_run_start(self, run: Any) -> None:
             policy = run.policy
             in_generate = lambda: self.phase == "generate"  # noqa: E731
-            reset = _time_generate_forwards(clock, policy.model.get_base_model(), in_generate)
+            reset = (_time_generate_forwards(clock, policy.model.get_base_model(), in_generate)
+                     if DEVICE == "cpu" else lambda: None)
 
             generate = policy._generate_batch  # one batch of the backend's own decode loop
 
@@ -280,6 +310,7 @@ def run_arena(args: argparse.Namespace, profile: bool = False) -> dict[str, Any]
                 try:
                     return generate(*a, **kw)
                 finally:
+                    _sync()
                     clock.add("hf_generate", time.perf_counter() - t0)
 
             policy._generate_batch = timed_generate
@@ -329,8 +360,14 @@ def run_arena(args: argparse.Namespace, profile: bool = False) -> dict[str, Any]
     return {
         "side": "arena", "dtype": args.dtype, "threads": torch.get_num_threads(), "wall": wall,
         "iterations": per_iteration, "timed": [it["iteration"] for it in timed],
-        "phase_rss": sampler.peaks, "profile": tables,
+        "phase_rss": sampler.peaks, "profile": tables, "peak_gpu": _peak_gpu(),
     }
+
+
+def _peak_gpu() -> int | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None
 
 
 # -- the TRL side ----------------------------------------------------------------------------------------------
@@ -338,7 +375,6 @@ def run_arena(args: argparse.Namespace, profile: bool = False) -> dict[str, Any]
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from omegaconf import OmegaConf
     from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -361,10 +397,9 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     registry = load_registry()
     plain = argparse.Namespace(**{**vars(args), "set": []})  # --set is for the arena side only
     resolved = resolve(registry, "prompts", overrides=arena_overrides(plain, "/nonexistent", steps))
-    cfg = OmegaConf.create(resolved.tree)
-    env = Env(config=cfg, registry=registry)
-    game = registry.build("game", resolved.tree["game"], env)
-    judge = registry.build("judge", resolved.tree["judge"], env)
+    env = Env(config=resolved.config, registry=registry)
+    game = registry.build("game", resolved.config.game, env)
+    judge = registry.build("judge", resolved.config.judge, env)
     records = [game.train_records[i % len(game.train_records)] for i in range(steps * PROMPTS)]
     dataset = Dataset.from_list([{"prompt": game.messages(r), "answer": r["answer"]} for r in records])
 
@@ -382,7 +417,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as tmp:
         config = GRPOConfig(
             output_dir=tmp, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-            use_cpu=True, bf16=bf16, fp16=False, model_init_kwargs={"dtype": args.trl_dtype},
+            use_cpu=DEVICE == "cpu", bf16=bf16, fp16=False, model_init_kwargs={"dtype": args.trl_dtype},
             seed=SEED, data_seed=SEED, shuffle_dataset=False, dataloader_num_workers=0,
             max_steps=steps, num_train_epochs=1,
             per_device_train_batch_size=micro, gradient_accumulation_steps=PROMPTS * SAMPLES // micro,
@@ -409,12 +444,14 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     return fn(*a, **kw)
                 finally:
+                    _sync()
                     clock.add(name, time.perf_counter() - t0)
                     clock.add(f"cpu/{name}", time.process_time() - c0)
                     sampler.set_phase(old)
             return wrapper
 
-        reset = _time_generate_forwards(clock, trainer.model.get_base_model(), lambda: sampler.phase == "generate")
+        reset = (_time_generate_forwards(clock, trainer.model.get_base_model(), lambda: sampler.phase == "generate")
+                 if DEVICE == "cpu" else None)
         trainer._generate = phase_wrap("generate", trainer._generate, before=reset)
         trainer._calculate_rewards = phase_wrap("reward", trainer._calculate_rewards)
         trainer._generate_and_score_completions = _timed(clock, "generate_and_score",
@@ -434,6 +471,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
                 self.t0, self.c0 = time.perf_counter(), time.process_time()
 
             def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+                _sync()
                 total = time.perf_counter() - self.t0
                 clock.add("cpu/iteration", time.process_time() - self.c0)
                 sampler.set_phase("other")
@@ -453,7 +491,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         if i < len(lengths):
             step["completion_tokens"] = lengths[i]
     return {"side": "trl", "dtype": args.trl_dtype, "trl": trl.__version__, "threads": torch.get_num_threads(),
-            "wall": wall, "steps": per_step, "timed": list(range(args.warmup, steps)), "phase_rss": sampler.peaks}
+            "wall": wall, "steps": per_step, "timed": list(range(args.warmup, steps)), "phase_rss": sampler.peaks,
+            "peak_gpu": _peak_gpu()}
 
 
 # -- the parent: run each side in its own process, then print ---------------------------------------------------
@@ -463,8 +502,9 @@ def spawn(side: str, args: argparse.Namespace, dtype: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="grpo-step-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--child-out", str(out),
-               "--dtype", dtype, "--trl-dtype", args.trl_dtype, "--iterations", str(args.iterations),
-               "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch), "--threads", str(args.threads),
+               "--device", DEVICE, "--dtype", dtype, "--trl-dtype", args.trl_dtype,
+               "--iterations", str(args.iterations), "--warmup", str(args.warmup),
+               "--micro-batch", str(args.micro_batch), "--threads", str(args.threads),
                *(f"--set={item}" for item in args.set)]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
@@ -583,7 +623,7 @@ def report(columns: dict[str, list[dict[str, Any]]], args: argparse.Namespace,
     row = lambda label, cells: label.ljust(width) + "".join(c.rjust(col) for c in cells)  # noqa: E731
     repeats = f" x {args.repeat} interleaved runs" if args.repeat > 1 else ""
     lines = [
-        f"GRPO step, prompts game on CPU: {PROMPTS} prompts x {SAMPLES} samples x <= {NEW_TOKENS} new tokens, "
+        f"GRPO step, prompts game on {DEVICE}: {PROMPTS} prompts x {SAMPLES} samples x <= {NEW_TOKENS} new tokens, "
         f"LoRA r={LORA_R} alpha={LORA_ALPHA} on {','.join(LORA_TARGETS)}, beta={BETA}, lr={LR},",
         f"token aggregation (TRL loss_type=dapo), micro-batch {args.micro_batch}, no gradient checkpointing, "
         f"temperature 1.0; judge exact_match on game.dataset=arithmetic (microseconds).",
@@ -605,6 +645,9 @@ def report(columns: dict[str, list[dict[str, Any]]], args: argparse.Namespace,
     for key in ("total", "generate", "optimize"):
         lines.append(row(f"  {key}", [f"{s['cpu'][key]:.2f}" for s in sums]))
     lines += ["", row("peak RSS (GB)", [f"{s['peak_rss'] / gb:.2f}" for s in sums])]
+    if DEVICE == "cuda":
+        lines.append(row("peak GPU memory (GB)", [f"{max(r['peak_gpu'] for r in runs) / gb:.2f}"
+                                                  for runs in columns.values()]))
     for phase, label in (("setup", "  after loading"), ("generate@1", "  1st iteration, generate"),
                          ("optimize@1", "  1st iteration, optimize"), ("generate", "  any generate"),
                          ("optimize", "  any optimize")):
@@ -633,15 +676,19 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations per side (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
-    parser.add_argument("--dtype", default="float32",
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cpu: the CPU comparison; cuda: one GPU at the learning settings (the script's docstring)")
+    parser.add_argument("--dtype", default=None,
                         help="arena model.dtype; a comma list runs the arena side once per dtype "
-                             "(e.g. float32,bfloat16); default float32")
+                             "(e.g. float32,bfloat16); default float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--trl", action="store_true", help="also run TRL's GRPOTrainer and print the ratios")
-    parser.add_argument("--trl-dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="TRL's model dtype (bfloat16 also turns on its bf16 autocast); default float32")
+    parser.add_argument("--trl-dtype", default=None, choices=["float32", "bfloat16"],
+                        help="TRL's model dtype (bfloat16 also turns on its bf16 autocast); default float32 on cpu, "
+                             "bfloat16 on cuda")
     parser.add_argument("--micro-batch", type=int, default=None,
                         help="sequences per forward/backward on both sides (arena optimizer.micro_batch_size, TRL "
-                             "per_device_train_batch_size); default: arena's default micro_batch_size")
+                             "per_device_train_batch_size); default: arena's default micro_batch_size on cpu, "
+                             "64 on cuda")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run every side this many times, interleaved, and pool their timed iterations "
                              "(peak RSS: the largest); default 1")
@@ -658,16 +705,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.warmup < 0 or args.repeat < 1:
         parser.error("--iterations and --repeat must be >= 1, --warmup >= 0")
+    use_device(args.device)
+    gpu = args.device == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.trl_dtype = args.trl_dtype or ("bfloat16" if gpu else "float32")
 
     if args.child:
         result = run_trl(args) if args.child == "trl" else run_arena(args, profile=args.child == "arena-profile")
         Path(args.child_out).write_text(json.dumps(result))
         return 0
 
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device cuda: CUDA is not available here (torch {torch.__version__}"
+                         f"{', built without CUDA' if torch.version.cuda is None else ', no GPU visible'}); "
+                         "run on a machine with a GPU, or use --device cpu")
     if args.micro_batch is None:
         from arena.plugins.grpo import GRPOOptions
 
-        args.micro_batch = GRPOOptions().micro_batch_size
+        args.micro_batch = 64 if gpu else (GRPOOptions().micro_batch_size or 8)
     if args.micro_batch < 1 or (PROMPTS * SAMPLES) % args.micro_batch:
         parser.error(f"--micro-batch {args.micro_batch}: must divide {PROMPTS * SAMPLES}")
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]

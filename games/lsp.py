@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-from arena.data import load_records
-from arena.errors import ArenaError, ConfigError
+from arena.config import option
+from arena.data import load_records, short_records
+from arena.errors import ArenaError, ArenaWarning, ConfigError
+from arena.games.prompts import TEMPERATURE_HINT
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, Judge, RoundContext
 from arena.types import JudgeItem, Messages, Role, Sample, Verdict, score_summary
@@ -40,21 +44,28 @@ hints."""
 
 @dataclass
 class LSPOptions:
-    queries: int = 4  # N: Challenger queries per round
-    answers: int = 4  # G: Solver answers per query; they share the baseline V(q)
+    queries: int = option(4, ge=1)  # N: Challenger queries per round
+    answers: int = option(4, ge=1)  # G: Solver answers per query; they share the baseline V(q)
     quality_reward: bool = True  # LSP; false: LSP-Zero (no R_Q)
     quality_judge: Any = field(default_factory=lambda: {"name": "self_reward"})  # the judge that gives R_Q
     task: str = TASK  # what the Solver should be good at; the Challenger prompt's {task}
     challenger_template: str = CHALLENGER_TEMPLATE  # must contain {task}
-    challenger_max_new_tokens: int = 48
-    solver_max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    format_penalty: float = 1.0  # a malformed query scores this much below the round's worst well-formed one
+    challenger_max_new_tokens: int = option(48, ge=1)
+    solver_max_new_tokens: int = option(64, ge=1)
+    temperature: float = option(1.0, gt=0.0, hint=TEMPERATURE_HINT)
+    top_p: float = option(1.0, gt=0.0, le=1.0)
+    format_penalty: float = option(1.0, ge=0.0)  # a malformed query scores this much below the worst well-formed one
     system_prompt: Optional[str] = None  # the Solver's system message, if any
     eval_dataset: str = "sharegpt"  # held-out prompts the Solver answers greedily: sharegpt or a JSONL file
-    eval_size: int = 8  # 0: no evaluation
-    max_eval_prompt_chars: int = 400
+    eval_size: int = option(8, ge=0)  # 0: no evaluation
+    max_eval_prompt_chars: int = option(400, ge=1)
+
+    def check(self) -> None:
+        if "{task}" not in self.challenger_template:
+            raise ConfigError("challenger_template", "must contain {task}")
+        if self.eval_size and self.eval_dataset != "sharegpt" and not Path(self.eval_dataset).is_file():
+            raise ConfigError("eval_dataset", f"{self.eval_dataset}: no such file; expected sharegpt or a JSONL "
+                                              "file of {\"prompt\": ...} records")
 
 
 # -- the rules, as plain arithmetic ---------------------------------------------------------------------------
@@ -80,7 +91,7 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 def lsp_scores(rewards: Sequence[Sequence[float | None]], quality: Sequence[Sequence[float | None]] | None,
                well_formed: Sequence[bool], format_penalty: float) -> LSPScores:
-    """LSP's rewards and advantages (DESIGN.md section 8) from the judge's R per answer and, for LSP, R_Q per
+    """LSP's rewards and advantages (docs/lsp.md) from the judge's R per answer and, for LSP, R_Q per
     answer; `quality=None` is LSP-Zero. An answer is scored only when all its verdicts are valid; a query with no
     scored answer has no value and its Challenger sample no reward (recorded, not trained on)."""
     if len(rewards) != len(well_formed) or (quality is not None and (
@@ -164,22 +175,19 @@ class LSPGame(Game):
 
         if options.quality_reward:
             validate_component(registry, "judge", options.quality_judge, f"{path}.quality_judge")
-        if "{task}" not in options.challenger_template:
-            raise ConfigError(f"{path}.challenger_template", "must contain {task}")
-        for key in ("queries", "answers", "challenger_max_new_tokens", "solver_max_new_tokens"):
-            if getattr(options, key) < 1:
-                raise ConfigError(f"{path}.{key}", "must be at least 1")
-        if options.eval_size < 0:
-            raise ConfigError(f"{path}.eval_size", "must be 0 (no evaluation) or more")
 
     def __init__(self, options: LSPOptions, env: Env):
         super().__init__(options, env)
+        if options.answers == 1:
+            warnings.warn("game.answers=1: each answer is its own baseline, so every Solver advantage is 0 and the "
+                          "Solver learns nothing; use 2 or more", ArenaWarning, stacklevel=2)
         self.quality: Judge | None = (env.registry.build("judge", options.quality_judge, env, "quality_judge")
                                       if options.quality_reward else None)
         self.eval_records: list[dict[str, Any]] = []
         if options.eval_size:
-            records = [r for r in load_records(options.eval_dataset, "game.eval_dataset")
-                       if len(r["prompt"]) <= options.max_eval_prompt_chars]
+            records = short_records(load_records(options.eval_dataset, "game.eval_dataset"),
+                                    options.max_eval_prompt_chars, options.eval_dataset, "game.eval_dataset",
+                                    "game.max_eval_prompt_chars")
             if not records:
                 raise ConfigError("eval_dataset", f"{options.eval_dataset}: no prompt of at most "
                                                   f"{options.max_eval_prompt_chars} characters "

@@ -8,28 +8,40 @@ to the same prompt share a baseline. A fixed held-out split is answered greedily
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
-from arena.data import load_records
-from arena.errors import ConfigError
+from arena.config import option
+from arena.data import load_records, short_records
+from arena.errors import ArenaWarning, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
 from arena.types import JudgeItem, Messages, Role, Sample, score_summary
 
 
+TEMPERATURE_HINT = ("the sampling temperature of trained answers; greedy decoding gives every answer of a group "
+                    "the same text, so there would be nothing to learn")
+
+
 @dataclass
 class PromptsOptions:
     dataset: str = "sharegpt"  # sharegpt | arithmetic | a JSONL file of {"prompt": ..., "answer": ...}
-    prompts_per_round: int = 4
-    group_size: int = 4  # answers per prompt; they share a baseline
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    eval_size: int = 8  # held-out prompts, never trained on
-    max_prompt_chars: int = 400  # longer prompts are left out (ShareGPT holds whole essays)
-    arithmetic_size: int = 2000
+    prompts_per_round: int = option(4, ge=1)
+    group_size: int = option(4, ge=1)  # answers per prompt; they share a baseline
+    max_new_tokens: int = option(48, ge=1)
+    temperature: float = option(1.0, gt=0.0, hint=TEMPERATURE_HINT)
+    top_p: float = option(1.0, gt=0.0, le=1.0)
+    eval_size: int = option(8, ge=0)  # held-out prompts, never trained on
+    max_prompt_chars: int = option(400, ge=1)  # longer prompts are left out (ShareGPT holds whole essays)
+    arithmetic_size: int = option(2000, ge=1)
     system_prompt: Optional[str] = None
+
+    def check(self) -> None:
+        if self.dataset not in ("sharegpt", "arithmetic") and not Path(self.dataset).is_file():
+            raise ConfigError("dataset", f"{self.dataset}: no such file; expected sharegpt, arithmetic or a JSONL "
+                                         "file")
 
 
 class PromptsGame(Game):
@@ -39,11 +51,12 @@ class PromptsGame(Game):
 
     def __init__(self, options: PromptsOptions, env: Env):
         super().__init__(options, env)
-        for key in ("prompts_per_round", "group_size", "max_new_tokens"):
-            if getattr(options, key) < 1:
-                raise ConfigError(key, "must be at least 1")
+        if options.group_size == 1:
+            warnings.warn("game.group_size=1: each answer is its own baseline, so every advantage is 0 and nothing "
+                          "is learned; use 2 or more", ArenaWarning, stacklevel=2)
         records = load_records(options.dataset, seed=env.config.run.seed, arithmetic_size=options.arithmetic_size)
-        records = [r for r in records if len(r["prompt"]) <= options.max_prompt_chars]
+        records = short_records(records, options.max_prompt_chars, options.dataset, "game.dataset",
+                                "game.max_prompt_chars")
         if len(records) <= options.eval_size:
             raise ConfigError("dataset", f"{options.dataset}: {len(records)} prompts of at most "
                                          f"{options.max_prompt_chars} characters, but eval_size is "

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from arena.errors import ConfigError
+from arena.config import option
+from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Optimizer
 from arena.types import Role, Sample
@@ -23,25 +24,32 @@ from arena.types import Role, Sample
 
 @dataclass
 class RoleObjective:
-    weight: float = 1.0  # the role's loss weight (LSP's α for the Challenger)
-    beta: Optional[float] = None  # KL coefficient; None: the optimizer's beta
+    weight: float = option(1.0, ge=0.0)  # the role's loss weight (LSP's α for the Challenger); 0 trains it not
+    beta: Optional[float] = option(None, ge=0.0)  # KL coefficient; None: the optimizer's beta
 
 
 @dataclass
 class GRPOOptions:
-    lr: float = 1e-5
-    beta: float = 0.05  # KL to the reference (k3 estimator); 0 skips the reference pass entirely
-    epsilon: float = 0.2  # ratio clip range [1 - epsilon, 1 + epsilon_high]
-    epsilon_high: Optional[float] = None  # None: same as epsilon
+    lr: float = option(1e-5, gt=0.0)
+    beta: float = option(0.05, ge=0.0)  # KL to the reference (k3 estimator); 0 skips the reference pass entirely
+    epsilon: float = option(0.2, gt=0.0, le=1.0)  # ratio clip range [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Optional[float] = option(None, gt=0.0)  # None: same as epsilon
     normalize_std: bool = False  # divide advantages by the group's standard deviation
-    aggregation: str = "token"  # token: mean over all of a role's tokens; sequence: mean per sequence, then over
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    weight_decay: float = 0.0
+    # token: mean over all of a role's tokens; sequence: mean per sequence, then over sequences
+    aggregation: str = option("token", choices=("token", "sequence"))
+    max_grad_norm: float = option(1.0, ge=0.0)  # 0 disables clipping
+    weight_decay: float = option(0.0, ge=0.0)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    epochs: int = 1  # passes over a round's samples
-    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate across micro-batches (8: 37% less
-    # peak memory than 16 at the same speed on CPU, benchmarks/grpo_step.py)
+    epochs: int = option(1, ge=1)  # passes over a round's samples
+    # sequences per forward/backward; gradients accumulate across micro-batches. None: the backend's suggestion
+    # for its device (8 on CPU: 37% less peak memory than 16 at the same speed, benchmarks/grpo_step.py; on a GPU
+    # sized from free memory, up to 64)
+    micro_batch_size: Optional[int] = option(None, ge=1)
     roles: dict[str, RoleObjective] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError("adam_betas", f"{self.adam_betas}; expected two numbers in [0, 1), e.g. [0.9, 0.999]")
 
 
 def group_advantages(samples: Sequence[Sample], normalize_std: bool = False, eps: float = 1e-6) -> list[float | None]:
@@ -97,11 +105,8 @@ class GRPO(Optimizer):
 
     def __init__(self, options: GRPOOptions, env: Env):
         super().__init__(options, env)
-        if options.aggregation not in ("token", "sequence"):
-            raise ConfigError("aggregation", f"{options.aggregation!r}; expected token or sequence")
-        if options.micro_batch_size < 1 or options.epochs < 1:
-            raise ConfigError("micro_batch_size" if options.micro_batch_size < 1 else "epochs", "must be >= 1")
         self.policy = env.policy
+        self.micro_batch_size = options.micro_batch_size or self.policy.suggested_micro_batch()
         params = self.policy.trainable_parameters()
         self.torch_optimizer = torch.optim.AdamW(params, lr=options.lr, betas=tuple(options.adam_betas),
                                                  weight_decay=options.weight_decay)
@@ -135,6 +140,7 @@ class GRPO(Optimizer):
             if weight == 0:
                 continue
             denom[s.role] += len(s.completion_ids) if o.aggregation == "token" else 1.0
+            s.trained = True
             if a == 0 and beta == 0:
                 continue  # contributes no gradient: skip its forward and backward
             batch.append(s)
@@ -149,8 +155,8 @@ class GRPO(Optimizer):
         for (role, temperature), group in by_key.items():
             # one prompt's samples stay in one micro-batch, so the backend runs that prompt once for all of them
             group.sort(key=lambda s: (len(s.prompt_ids), s.prompt_ids))
-            for i in range(0, len(group), o.micro_batch_size):
-                micro.append((role, temperature, group[i:i + o.micro_batch_size]))
+            for i in range(0, len(group), self.micro_batch_size):
+                micro.append((role, temperature, group[i:i + self.micro_batch_size]))
         refs: list[torch.Tensor | None] = []
         for role, temperature, mb in micro:
             beta = self._objective(role)[1]
@@ -159,47 +165,63 @@ class GRPO(Optimizer):
         total_loss = 0.0
         kl_sum: dict[str, float] = defaultdict(float)
         tok_count: dict[str, float] = defaultdict(float)
-        clip_sum = 0.0
+        clip_sum = gap_sum = 0.0
         grad_norm = 0.0
-        for _ in range(o.epochs):
+        # The "old" log-probs of the ratio are the first epoch's own training forward, detached: the policy has
+        # not moved yet, so the ratio starts at exactly 1 in any dtype. The sampler's recorded log-probs differ
+        # from the training forward by rounding in bf16 (batch shapes, kernels); they stay in samples.jsonl and
+        # their gap is reported as `sampler_logprob_gap`.
+        olds: list[torch.Tensor] = []
+        for epoch in range(o.epochs):
             self.torch_optimizer.zero_grad(set_to_none=True)
-            for (role, temperature, mb), ref in zip(micro, refs):
+            for k, ((role, temperature, mb), ref) in enumerate(zip(micro, refs)):
                 weight, beta = self._objective(role)
                 logp = self.policy.sequence_logprobs([s.prompt_ids for s in mb], [s.completion_ids for s in mb],
                                                      temperature=temperature)
-                width = logp.shape[1]
                 mask = torch.zeros_like(logp)
-                old = torch.zeros_like(logp)
                 for i, s in enumerate(mb):
                     mask[i, :len(s.completion_ids)] = 1
-                    old[i, :len(s.logprobs)] = torch.tensor(s.logprobs[:width], dtype=logp.dtype)
+                if epoch == 0:
+                    olds.append(logp.detach())
+                    sampled = torch.zeros_like(logp)
+                    for i, s in enumerate(mb):
+                        sampled[i, :len(s.logprobs)] = torch.tensor(s.logprobs[:logp.shape[1]], dtype=logp.dtype)
+                    gap_sum += ((sampled - olds[k]).abs() * mask).sum().item()
                 adv = torch.tensor([s.advantage for s in mb], dtype=logp.dtype, device=logp.device)
-                loss_tok, kl, clipped = grpo_token_loss(logp, old.to(logp.device), ref, adv, o.epsilon,
+                loss_tok, kl, clipped = grpo_token_loss(logp, olds[k], ref, adv, o.epsilon,
                                                         o.epsilon if o.epsilon_high is None else o.epsilon_high,
                                                         beta)
-                mask = mask.to(logp.device)
                 if o.aggregation == "token":
                     loss = (loss_tok * mask).sum() / denom[role]
                 else:
                     loss = ((loss_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / denom[role]
+                if not torch.isfinite(loss):
+                    self.torch_optimizer.zero_grad(set_to_none=True)
+                    raise ArenaError(f"the {role} loss is {loss.item()}; the weights were not changed. Common "
+                                     "causes: a learning rate too high for the last steps, or a judge's rewards "
+                                     "of extreme size")
                 (weight * loss).backward()
                 total_loss += weight * loss.item()
                 kl_sum[role] += (kl.detach() * mask).sum().item()
                 tok_count[role] += mask.sum().item()
                 clip_sum += (clipped * mask).sum().item()
+            grads = [p.grad for p in self.params if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+            if not math.isfinite(grad_norm):
+                self.torch_optimizer.zero_grad(set_to_none=True)
+                raise ArenaError(f"the gradient norm is {grad_norm}; the weights were not changed")
             if o.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+                torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
             self.torch_optimizer.step()
         self.torch_optimizer.zero_grad(set_to_none=True)
+        tokens = max(1.0, sum(tok_count.values()))
         metrics["loss"] = total_loss / o.epochs
         metrics["grad_norm"] = grad_norm
-        metrics["clip_frac"] = clip_sum / max(1.0, sum(tok_count.values()))
+        metrics["clip_frac"] = clip_sum / tokens
+        metrics["sampler_logprob_gap"] = gap_sum / (tokens / o.epochs)
         for role in kl_sum:
             metrics[f"kl/{role}"] = kl_sum[role] / max(1.0, tok_count[role])
-        metrics["kl"] = sum(kl_sum.values()) / max(1.0, sum(tok_count.values()))
+        metrics["kl"] = sum(kl_sum.values()) / tokens
         metrics["train/tokens"] = sum(tok_count.values()) / o.epochs
         return metrics
 
@@ -207,7 +229,12 @@ class GRPO(Optimizer):
         return self.torch_optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore AdamW's moments; the learning rate, weight decay and betas come from the options, which a
+        resumed run may have changed (a saved state would otherwise silently keep the old ones)."""
         self.torch_optimizer.load_state_dict(state)
+        for group in self.torch_optimizer.param_groups:
+            group.update(lr=self.options.lr, weight_decay=self.options.weight_decay,
+                         betas=tuple(self.options.adam_betas))
 
 
 @hookimpl

@@ -9,6 +9,7 @@ without one is an invalid verdict, never a silent 0.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from arena.config import option
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Judge, Policy
@@ -83,8 +85,6 @@ class PromptJudge(Judge):
 
     def __init__(self, options: Any, env: Env, model: Policy | None = None):
         super().__init__(options, env)
-        if options.mode not in ("constrained", "text"):
-            raise ConfigError("mode", f"{options.mode!r}; expected constrained or text")
         self.model = model or env.policy
         if self.model is None:
             raise ArenaError(f"{type(self).__name__} needs a model: the run's policy was not built")
@@ -120,11 +120,28 @@ class PromptJudge(Judge):
         return verdicts
 
 
+MODES = ("constrained", "text")
+
+
+def _check_template(template: str | None, fields: tuple[str, ...]) -> None:
+    """A custom judge template must be a format string over the judge's fields, or it fails on the first item."""
+    if template is None:
+        return
+    try:
+        template.format(**{f: "" for f in fields})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError("template", f"not a format string over {', '.join('{' + f + '}' for f in fields)} "
+                                      f"({type(exc).__name__}: {exc})") from None
+
+
 @dataclass
 class SelfRewardOptions:
-    mode: str = "constrained"  # constrained | text
-    max_new_tokens: int = 32  # text mode: the judge's reply length
+    mode: str = option("constrained", choices=MODES)
+    max_new_tokens: int = option(32, ge=1)  # text mode: the judge's reply length
     template: Optional[str] = None  # custom prompt with {query} and {response}; default: LSP's 7-point rubric
+
+    def check(self) -> None:
+        _check_template(self.template, ("query", "response"))
 
 
 class SelfReward(PromptJudge):
@@ -139,11 +156,14 @@ class SelfReward(PromptJudge):
 
 @dataclass
 class LLMJudgeOptions:
-    mode: str = "constrained"  # constrained | text
-    max_new_tokens: int = 32
-    max_score: int = 9  # at most 9: each score must be a single digit token
+    mode: str = option("constrained", choices=MODES)
+    max_new_tokens: int = option(32, ge=1)
+    max_score: int = option(9, ge=1, le=9, hint="each score must be a single digit token")
     template: Optional[str] = None  # {query}, {response}, {reference_block}, {max_score}
     model: Optional[str] = None  # a judge model (folder, .gguf, cached name); None: the policy's reference
+
+    def check(self) -> None:
+        _check_template(self.template, ("query", "response", "reference_block", "max_score"))
 
 
 class LLMJudge(PromptJudge):
@@ -152,15 +172,13 @@ class LLMJudge(PromptJudge):
     Options = LLMJudgeOptions
 
     def __init__(self, options: LLMJudgeOptions, env: Env):
-        if not 1 <= options.max_score <= 9:
-            raise ConfigError("max_score", f"{options.max_score}; expected 1..9 (single digit tokens)")
         self.max_score = options.max_score
         model = None
         if options.model is not None:  # a judge model of its own: an hf backend whose reference is that model
-            from omegaconf import OmegaConf
-
-            model_cfg = {**OmegaConf.to_container(env.config.model), "path": options.model}
-            child = Env(config=OmegaConf.create({"model": model_cfg}), registry=env.registry)
+            config = copy.copy(env.config)
+            config.model = copy.copy(env.config.model)
+            config.model.path = options.model
+            child = Env(config=config, registry=env.registry)
             model = env.registry.build("backend", {"name": "hf"}, child, "judge.model")
         super().__init__(options, env, model)
 
@@ -173,9 +191,14 @@ class LLMJudge(PromptJudge):
 @dataclass
 class RewardModelOptions:
     path: Optional[str] = None  # an AutoModelForSequenceClassification folder or cached hub name (required)
-    batch_size: int = 8
-    max_length: int = 1024
+    batch_size: int = option(8, ge=1)
+    max_length: int = option(1024, ge=1)
     device: str = "auto"
+
+    def check(self) -> None:
+        if not self.path:
+            raise ConfigError("path", "required: a reward model folder, e.g. judge: {name: reward_model, "
+                                      "path: ./rm}")
 
 
 class RewardModel(Judge):
@@ -185,25 +208,11 @@ class RewardModel(Judge):
 
     def __init__(self, options: RewardModelOptions, env: Env):
         super().__init__(options, env)
-        from transformers import AutoModelForSequenceClassification
+        from arena.models import load_sequence_classifier
 
-        from arena.models import load_tokenizer, pick_device, resolve_model_path
-
-        if not options.path:
-            raise ConfigError("path", "required: a reward model folder, e.g. judge: {name: reward_model, "
-                                      "path: ./rm}")
-        source = resolve_model_path(options.path)
-        self.device = pick_device(options.device)
-        try:
-            self.tokenizer = load_tokenizer(source)
-            self.model = AutoModelForSequenceClassification.from_pretrained(str(source), local_files_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise ArenaError(f"judge.path {options.path}: cannot load a sequence-classification reward model "
-                             f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
-                             ) from None
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(self.device).eval()
+        # float32: a reward model's score differences can be finer than bf16 resolves
+        self.model, self.tokenizer, self.device = load_sequence_classifier(options.path, "judge.path",
+                                                                           options.device, "float32")
 
     def _text(self, item: JudgeItem) -> str:
         chat = [*item.prompt, {"role": "assistant", "content": item.response}]
@@ -227,8 +236,19 @@ class RewardModel(Judge):
 
 @dataclass
 class ExactMatchOptions:
-    mode: str = "number"  # number: last number; string: normalised text; regex: `pattern` extracts the answer
+    # number: last number; string: normalised text; regex: `pattern` extracts the answer
+    mode: str = option("number", choices=("number", "string", "regex"))
     pattern: Optional[str] = None  # regex mode: group 1 (or the whole match) of the last match is the answer
+
+    def check(self) -> None:
+        if self.mode != "regex":
+            return
+        if not self.pattern:
+            raise ConfigError("pattern", "required with mode=regex, e.g. 'answer: (\\S+)'")
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise ConfigError("pattern", f"not a valid regular expression ({exc})") from None
 
 
 def _normalise(text: str) -> str:
@@ -247,16 +267,7 @@ class ExactMatch(Judge):
 
     def __init__(self, options: ExactMatchOptions, env: Env):
         super().__init__(options, env)
-        if options.mode not in ("number", "string", "regex"):
-            raise ConfigError("mode", f"{options.mode!r}; expected number, string or regex")
-        self.regex = None
-        if options.mode == "regex":
-            if not options.pattern:
-                raise ConfigError("pattern", "required with mode=regex, e.g. 'answer: (\\S+)'")
-            try:
-                self.regex = re.compile(options.pattern)
-            except re.error as exc:
-                raise ConfigError("pattern", f"not a valid regular expression ({exc})") from None
+        self.regex = re.compile(options.pattern) if options.mode == "regex" else None
 
     def _extract(self, text: str) -> Any:
         if self.options.mode == "number":

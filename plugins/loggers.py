@@ -19,10 +19,12 @@ def summary_line(run: Any, step: int, metrics: dict[str, float]) -> str:
         parts.append(f"{key} {metrics[key]:.3f}")
     for key in sorted(k for k in metrics if k.startswith("invalid/") and metrics[k]):
         parts.append(f"{key} {int(metrics[key])}")
+    baseline = getattr(run, "baseline", {}) if step > 0 else {}
     for key in (*getattr(run.game, "headline_metrics", ()), *SUMMARY_KEYS):
         if key in metrics:
-            parts.append(f"{key} {metrics[key]:.4g}")
-    parts.append(f"{metrics.get('time/iteration', 0.0):.1f}s")
+            change = f" ({metrics[key] - baseline[key]:+.3g} since it 0)" if key in baseline else ""
+            parts.append(f"{key} {metrics[key]:.4g}{change}")
+    parts.append("before training" if step == 0 else f"{metrics.get('time/iteration', 0.0):.1f}s")
     return "  ".join(parts)
 
 

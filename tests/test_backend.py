@@ -1,16 +1,14 @@
 """The hf backend on the tiny model: batched generation, the sampling log-probs it records, the reference (adapter
-disabled), chunked log-probs, next-token scoring and adapter save/load, each checked against a direct computation."""
+disabled), chunked log-probs, next-token scoring and adapter save/load, each checked against a direct computation;
+then temperature 0, LoRA dropout, the model's context, batch sizes per device and loading the right kind of model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from arena.config import core_defaults
-from arena.errors import ConfigError
-from arena.interfaces import Env
-from arena.registry import load_registry
+from arena.errors import ArenaError, ConfigError
+from arena.plugins.kernels import left_pad, positions
 
 from tiny import make_backend, make_env
 
@@ -230,36 +228,6 @@ def test_chunked_logits_path_gives_the_same_values_and_gradients(policy):
     assert float((a - b).norm()) < 1e-5 * float(b.norm())
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 1000])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logprobs_matches_plain_autograd(chunk, temperature):
-    """The chunked LM-head function (its own backward, logits recomputed) against log_softmax + gather."""
-    from arena.plugins.hf import TokenLogprobs
-
-    torch.manual_seed(0)
-    n, dim, vocab = 7, 5, 11
-    hidden = torch.randn(n, dim, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(vocab, dim, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(vocab, dtype=torch.float64, requires_grad=True)
-    tokens = torch.randint(0, vocab, (n,))
-    upstream = torch.randn(n, dtype=torch.float64)
-
-    def grads(fn):
-        for t in (hidden, weight, bias):
-            t.grad = None
-        out = fn()
-        (out * upstream).sum().backward()
-        return out.detach(), [t.grad.clone() for t in (hidden, weight, bias)]
-
-    plain = lambda: torch.log_softmax((hidden @ weight.T + bias) / temperature, -1).gather(1, tokens[:, None])[:, 0]
-    fused = lambda: TokenLogprobs.apply(hidden, tokens, weight, bias, temperature, chunk)
-    (want, want_grads), (got, got_grads) = grads(plain), grads(fused)
-    assert got.dtype == torch.float32  # log-probs are float32 whatever the model's dtype
-    torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=0)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
-
-
 # -- next-token scoring ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shared_prefix", [False, True])
@@ -309,10 +277,28 @@ def test_text_helpers(policy):
 def test_unknown_lora_target_names_the_key(tiny_model_dir):
     from arena.plugins.hf import HFBackend, HFOptions
 
-    with pytest.raises(ConfigError) as exc:
+    with pytest.raises(ArenaError) as exc:
         HFBackend(HFOptions(), make_env(tiny_model_dir, target_modules=["q_proj", "qkv"]))
-    assert exc.value.path == "model.lora.target_modules"
-    assert "qkv" in str(exc.value) and "o_proj" in str(exc.value)
+    assert str(exc.value).startswith("model.lora.target_modules: ")
+    assert "qkv" in str(exc.value) and "o_proj" in str(exc.value) and "lm_head" not in str(exc.value)
+
+
+def test_lora_targets_listed_for_a_conv1d_model(tmp_path, capsys):
+    """GPT-2's projections are Conv1D: the error lists them (not just lm_head), under the key the user typed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from arena.cli import main
+    from arena.models import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(None))
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2,
+                               n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    assert main(["play", "prompts", f"model.path={tmp_path / 'gpt2'}", f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("arena: error: model.lora.target_modules: ") and len(err.splitlines()) == 1
+    assert "c_attn, c_fc, c_proj" in err and "lm_head" not in err
+    assert not (tmp_path / "run").exists()
 
 
 # -- save / load ----------------------------------------------------------------------------------------------
@@ -411,15 +397,13 @@ def test_cpu_gqa_attention_equals_transformers_sdpa(policy, base_model):
     assert policy.model.get_base_model().config._attn_implementation == "arena_cpu_sdpa"
     assert base_model.config._attn_implementation == "sdpa" and base_model.config.num_key_value_heads > 0
     prompts = [policy.encode_chat(c) for c in chats(3)]
-    from arena.plugins.hf import _left_pad, _positions
-
-    ids, mask = _left_pad(prompts, policy.pad_id, "cpu")
+    ids, mask = left_pad(prompts, policy.pad_id, "cpu")
     grouped = policy.model.get_base_model()
 
     def run(model):
         model.zero_grad()
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask)).logits
+        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask)).logits
         (logits[mask.bool()] ** 2).mean().backward()
         return logits[mask.bool()].detach(), embeds.grad
 
@@ -430,23 +414,219 @@ def test_cpu_gqa_attention_equals_transformers_sdpa(policy, base_model):
     torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])
-@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_equals_sdpa(heads, kv_heads, mask_kind, dtype):
-    from arena.plugins.hf import _decode_attention
+# -- temperature ----------------------------------------------------------------------------------------------
+
+def test_temperature_zero_is_greedy(policy):
+    prompts = chats(3)
+    greedy = policy.generate(prompts, n=2, max_new_tokens=5, greedy=True)
+    zero = policy.generate(prompts, n=2, max_new_tokens=5, temperature=0)
+    assert [[g.completion_ids for g in gs] for gs in zero] == [[g.completion_ids for g in gs] for gs in greedy]
+    assert [[g.logprobs for g in gs] for gs in zero] == [[g.logprobs for g in gs] for gs in greedy]
+    with pytest.raises(ValueError, match="temperature"):
+        policy.generate(prompts, temperature=-0.5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_training_logprobs_refuse_a_temperature_of_zero_or_less(policy, temperature):
+    prompt = policy.encode_chat(chats(1)[0])
+    with pytest.raises(ValueError, match="temperature"):
+        policy.sequence_logprobs([prompt], [[5, 6]], temperature=temperature)
+
+
+# -- LoRA dropout ---------------------------------------------------------------------------------------------
+
+def backend_with_dropout(model_dir, dropout: float):
+    """The same perturbed adapter whatever the dropout: built and perturbed from one seed."""
+    from arena.plugins.hf import HFBackend, HFOptions
 
     torch.manual_seed(0)
-    q = torch.randn(5, heads, 1, 16).to(dtype)
-    k, v = torch.randn(5, kv_heads, 12, 16).to(dtype), torch.randn(5, kv_heads, 12, 16).to(dtype)
-    keep = torch.ones(5, 1, 1, 12, dtype=torch.bool)
-    keep[1, ..., :4] = False  # left padding
-    keep[3, ..., :7] = False
-    mask = {"bool": keep, "float": torch.zeros(keep.shape).masked_fill(~keep, float("-inf")), "none": None}[mask_kind]
-    group = heads // kv_heads
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1),
-        attn_mask=mask, scale=0.3).transpose(1, 2)
-    got = _decode_attention(q, k, v, mask, 0.3)
-    assert got.shape == (5, 1, heads, 16) and got.dtype == dtype
-    torch.testing.assert_close(got.float(), want, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+    backend = HFBackend(HFOptions(), make_env(model_dir, dropout=dropout))
+    with torch.no_grad():
+        for name, p in backend.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return backend
+
+
+def test_lora_dropout_acts_in_the_training_forward_only(tiny_model_dir):
+    dropped, plain = backend_with_dropout(tiny_model_dir, 0.5), backend_with_dropout(tiny_model_dir, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(dropped.trainable_parameters(), plain.trainable_parameters()))
+    prompts = [plain.encode_chat(c) for c in chats(3)]
+    prompts = [prompts[0], prompts[1], prompts[0], prompts[2]]  # the shared-prompt path too
+    completions = [[100, 200, 300], [400, 500], [600], [700, 800, 900, 1000]]
+
+    first = dropped.sequence_logprobs(prompts, completions)
+    second = dropped.sequence_logprobs(prompts, completions)
+    assert first.requires_grad and (first - second).abs().max() > 1e-3  # fresh dropout masks each call
+    first.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dropped.trainable_parameters())
+    assert not any(m.training for m in dropped.model.modules())  # eval mode again, LoRA's dropout included
+
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.sequence_logprobs(prompts, completions),
+                                   plain.sequence_logprobs(prompts, completions), atol=1e-6, rtol=0)
+    torch.testing.assert_close(dropped.sequence_logprobs(prompts, completions, reference=True),
+                               plain.sequence_logprobs(prompts, completions, reference=True), atol=1e-6, rtol=0)
+    candidates = [plain.token_id(str(k)) for k in range(8)]
+    torch.testing.assert_close(dropped.next_token_logprobs(prompts, candidates),
+                               plain.next_token_logprobs(prompts, candidates), atol=1e-6, rtol=0)
+    out = []
+    for backend in (dropped, plain):
+        torch.manual_seed(7)
+        out.append([(g.completion_ids, g.logprobs) for gs in backend.generate(chats(2), n=2, max_new_tokens=5)
+                    for g in gs])
+    assert out[0] == out[1]
+
+    with pytest.raises(IndexError):  # a token outside the vocabulary fails inside the training forward
+        dropped.sequence_logprobs(prompts[:1], [[10**8]])
+    assert not any(m.training for m in dropped.model.modules())
+
+
+# -- transformers API -----------------------------------------------------------------------------------------
+
+def test_no_deprecation_warnings_from_transformers(tiny_model_dir):
+    """Loading and every forward path (decode loop, shared prompts, shared judge prefix) use transformers' current
+    API: a run prints no FutureWarning."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy = make_backend(tiny_model_dir)
+        rubric = policy.encode("Score the answer below from 0 to 7 with care, reading every word of it twice. " * 2)
+        judged = [rubric + policy.encode(t) for t in ("Paris.", "No idea")]
+        prompt = policy.encode_chat(chats(1)[0])
+        policy.generate(chats(2), n=2, max_new_tokens=3)
+        policy.sequence_logprobs([prompt, prompt], [[5, 6, 7], [8, 9]])
+        with torch.no_grad():
+            policy.sequence_logprobs([prompt, prompt], [[5, 6, 7], [8, 9]], reference=True)
+        policy.next_token_logprobs(judged, [policy.token_id("3")])
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert deprecations == []
+
+
+# -- the model's context --------------------------------------------------------------------------------------
+
+def test_prompts_longer_than_the_context_are_refused(policy):
+    limit = policy.model.config.max_position_embeddings
+    long = [100] * (limit - 4)
+    with pytest.raises(ArenaError, match=rf"{limit - 4} tokens \+ 8 max_new_tokens .* context length of {limit}"):
+        policy.generate([long], max_new_tokens=8)
+    with pytest.raises(ArenaError, match=rf"{limit + 1} tokens is longer .* context length of {limit}"):
+        policy.next_token_logprobs([[100] * 3, [100] * (limit + 1)], [1])
+    with pytest.raises(ArenaError, match=rf"{limit - 4} tokens \+ 10 completion tokens .* {limit}"):
+        policy.sequence_logprobs([[100] * 3, long], [[5] * 20, [5] * 10])
+    assert policy.next_token_logprobs([[100] * limit], [1]).shape == (1, 1)  # exactly the context is fine
+
+
+# -- sizing for the device and the decode loop ----------------------------------------------------------------
+
+SMOL = dict(layers=30, kv_heads=3, head_dim=64, vocab=49152, dtype_bytes=2)  # SmolLM2-135M in bf16
+
+
+def test_generation_rows_follow_free_memory():
+    from arena.plugins.hf import generation_rows
+
+    per_row = 2 * 30 * 3 * 64 * 80 * 2 + 4 * 49152 * 4  # K and V of 80 tokens, plus four float32 logits rows
+    assert generation_rows(2 * 300 * per_row, 80, **SMOL) == 300  # half the free memory
+    assert generation_rows(2 * 300 * per_row, 160, **SMOL) < 300
+    assert generation_rows(0, 80, **SMOL) == 1
+
+
+def test_micro_batch_rule():
+    from arena.plugins.hf import micro_batch_for
+
+    assert micro_batch_for("cpu", 10**12, 1) == 8  # the measured CPU optimum, whatever the memory
+    assert micro_batch_for("cuda", 2 * 1000 * 10**6, 10**6) == 64  # capped
+    assert micro_batch_for("cuda", 2 * 40 * 10**6, 10**6) == 32  # a power of two that fits
+    assert micro_batch_for("cuda", 2 * 40 * 10**6, 10**6, cap=16) == 16
+    assert micro_batch_for("cuda", 10, 10**6) == 1
+
+
+def test_batch_sizes_by_device(tiny_model_dir, monkeypatch):
+    from arena.plugins.hf import generation_rows, micro_batch_for
+
+    backend = make_backend(tiny_model_dir, perturb=False)
+    assert backend.options.generation_batch_size is None
+    assert backend._batch_size(1000, 100) == 64 and backend.suggested_micro_batch() == 8
+    backend.options.generation_batch_size = 5
+    assert backend._batch_size(1000, 100) == 5
+    backend.options.generation_batch_size = None
+    # on a GPU (faked): all of a call's rows when they fit, else what free memory holds
+    monkeypatch.setattr(backend, "device", "cuda")
+    monkeypatch.setattr(backend, "_free_gpu_bytes", lambda: 10**9)
+    tiny = dict(layers=2, kv_heads=1, head_dim=16, vocab=backend.model.config.vocab_size, dtype_bytes=4)
+    fit = generation_rows(10**9, 100, **tiny)
+    assert backend._batch_size(256, 100) == min(256, fit) and backend._batch_size(10**6, 100) == fit
+    assert backend.suggested_micro_batch() == micro_batch_for("cuda", 10**9, 2 * (12 * 32 + 4 * 64) * 4 * 512)
+
+
+@pytest.mark.parametrize("key,value", [("generation_batch_size", 0), ("logits_budget_mb", 0),
+                                       ("min_shared_prefix", 0)])
+def test_backend_option_rules(key, value):
+    from arena.config import resolve
+    from arena.registry import load_registry
+
+    with pytest.raises(ConfigError) as exc:
+        resolve(load_registry(), "prompts", overrides=[f"backend.{key}={value}"])
+    assert exc.value.path == f"backend.{key}"
+
+
+def test_checking_for_the_end_every_k_steps_gives_the_same_generations(tiny_model_dir):
+    """Rows that stop early keep emitting padding until the next check: the results are those of a check every
+    step, both when all rows stop before max_new_tokens and when some run to it."""
+    backend = with_eos_bias(make_backend(tiny_model_dir), 11.0)  # EOS about 0.5 a step
+    runs = []
+    for every in (1, 7):
+        backend.done_check_every = every
+        torch.manual_seed(0)  # seeded per call: the extra steps draw random numbers a later call would get
+        early = backend.generate(chats(2), n=4, max_new_tokens=20)
+        torch.manual_seed(1)
+        late = backend.generate(chats(2), n=4, max_new_tokens=3)
+        runs.append([(g.completion_ids, g.logprobs, g.truncated) for out in (early, late) for gs in out for g in gs])
+    assert runs[0] == runs[1]
+    assert all(not truncated for _, _, truncated in runs[0][:8])  # all stopped before 20 tokens
+    assert any(truncated for _, _, truncated in runs[0][8:])
+
+
+# -- loading the right kind of model --------------------------------------------------------------------------
+
+def test_a_sequence_classifier_as_model_path_is_refused(reward_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from arena.models import load_causal_lm
+
+    with pytest.raises(ArenaError, match=rf"model.path {reward_model_dir}: a sequence-classification model "
+                                         r"\(LlamaForSequenceClassification\).*name: reward_model"):
+        load_causal_lm(str(reward_model_dir), "float32", "cpu")
+    unnamed = tmp_path / "rm"  # no `architectures` in its config: the missing LM head gives it away
+    shutil.copytree(reward_model_dir, unnamed)
+    config = json.loads((unnamed / "config.json").read_text())
+    del config["architectures"]
+    (unnamed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArenaError, match=rf"model.path {unnamed}: a sequence-classification model, not a causal"):
+        load_causal_lm(str(unnamed), "float32", "cpu")
+
+
+def test_load_sequence_classifier(reward_model_dir, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from arena.models import load_sequence_classifier, resolve_model_path
+
+    model, tokenizer, device = load_sequence_classifier(str(reward_model_dir), "judge.path", "cpu", "float32")
+    assert device == "cpu" and not model.training and model.config.pad_token_id is not None
+    ids = torch.tensor([tokenizer.encode("a fine answer")])
+    plain = AutoModelForSequenceClassification.from_pretrained(str(reward_model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+    with pytest.raises(ArenaError, match=rf"judge.path {tiny_model_dir}: a causal language model, not a "
+                                         "sequence-classification reward model: its score head would be random"):
+        load_sequence_classifier(str(tiny_model_dir), "judge.path", "cpu")
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ArenaError, match=rf"^judge.judges.0.path {missing}: no such file or folder"):
+        load_sequence_classifier(missing, "judge.judges.0.path")
+    with pytest.raises(ArenaError, match="^judge.path is unset"):
+        load_sequence_classifier(None)
+    with pytest.raises(ArenaError, match=rf"^judge.path {tmp_path}: folder has no config.json"):
+        resolve_model_path(str(tmp_path), key="judge.path")

@@ -156,7 +156,8 @@ def test_values_are_validated_and_typed(registry):
     assert r.tree["model"]["lora"]["r"] == 8
     # every schema key is filled in, so the saved config.yaml is complete
     assert set(r.tree["optimizer"]) >= {"name", "lr", "beta", "epsilon", "aggregation", "roles", "micro_batch_size"}
-    assert r.cfg.optimizer.lr == pytest.approx(3e-6)
+    assert r.config.optimizer.options.lr == pytest.approx(3e-6) and r.config.run.iterations == 4  # typed, once
+    assert r.config.model.lora.r == 8 and r.config.optimizer.name == "grpo"
     assert "lr: 3.0e-06" in r.to_yaml() or "lr: 3e-06" in r.to_yaml()
 
 
@@ -175,7 +176,7 @@ def test_bare_string_is_expanded_before_merging(registry, toy):
 
 
 def test_the_plain_omegaconf_merge_would_lose_the_name():
-    """What the canonicalisation protects against (DESIGN.md section 5): merging layers as-is drops the name."""
+    """What the canonicalisation protects against: merging layers as-is drops the name."""
     merged, _ = merge_layers([("a", {"optimizer": "grpo"}), ("b", {"optimizer": {"lr": 3e-6}})])
     assert merged["optimizer"] == {"name": "grpo", "lr": 3e-6}
 
@@ -424,3 +425,90 @@ def test_mix_parts_are_validated_when_resolving():
     with pytest.raises(ConfigError) as err:
         resolve(load_registry(), "prompts", [], ["judge={name: mix, judges: [{name: mix, judges: [nope]}]}"])
     assert err.value.path == "judge.judges.0.judges.0.name"
+
+
+# -- every rule an option declares is enforced when the config resolves, before any model loads ---------------
+
+def _violations(options_cls, prefix):
+    """(dotted key, a value its rule refuses) for every ruled field of an Options class, nested ones included."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(options_cls):
+        rules, key = f.metadata, f"{prefix}.{f.name}"
+        if "choices" in rules:
+            out.append((key, "no-such-choice"))
+        if "ge" in rules:
+            out.append((key, rules["ge"] - 1))
+        if "gt" in rules:
+            out.append((key, rules["gt"]))
+        if "le" in rules:
+            out.append((key, rules["le"] + 1))
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out += _violations(type(default), key)
+    return out
+
+
+def _ruled_components(registry):
+    """(command-line items that select a component, the prefix of its keys, its Options) for every component."""
+    from arena.config import LoraOptions, ModelOptions, RunOptions
+
+    yield [], "model", ModelOptions
+    yield [], "run", RunOptions
+    yield [], "model.lora", LoraOptions
+    for kind in ("judge", "optimizer", "backend"):
+        for name in registry.names(kind):
+            yield [f"{kind}={name}"], kind, registry.entries[kind][name].obj.Options
+    for name in registry.names("game"):
+        yield [], "game", registry.entries["game"][name].obj.Options
+
+
+def test_config_rejects_every_value_a_rule_refuses(registry):
+    """`arena config` (resolve) must catch what `arena play` would: walk every ruled option of every component."""
+    checked = 0
+    for select, prefix, options in _ruled_components(registry):
+        games = registry.names("game") if prefix == "game" else ["prompts"]
+        for game in games:
+            if prefix == "game" and options is not registry.entries["game"][game].obj.Options:
+                continue
+            for key, bad in _violations(options, prefix):
+                with pytest.raises(ConfigError) as exc:
+                    resolve(registry, game, overrides=[*select, f"{key}={bad}"])
+                assert exc.value.path == key, (key, bad, str(exc.value))
+                checked += 1
+    assert checked > 40  # the walk reached the components' options, not just the core's
+
+
+@pytest.mark.parametrize("override, path, words", [
+    ("game.temperature=0", "game.temperature", "greedy"),
+    ("optimizer.lr=-1", "optimizer.lr", "more than 0"),
+    ("optimizer.beta=-1", "optimizer.beta", "at least 0"),
+    ("run.iterations=0", "run.iterations", "at least 1"),
+    ("run.iterations=-1", "run.iterations", "at least 1"),
+    ("run.checkpoint_every=0", "run.checkpoint_every", "at least 1"),
+    ("run.threads=-3", "run.threads", "at least 0"),
+    ("game.group_size=0", "game.group_size", "at least 1"),
+    ("model.dtype=float8", "model.dtype", "auto, float32, bfloat16, float16"),
+    ("model.device=gpu", "model.device", "cuda:N"),
+    ("run.dir=/proc/arena-x", "run.dir", "cannot create a folder"),
+    ("optimizer.adam_betas=[0.9]", "optimizer.adam_betas", "two numbers"),
+])
+def test_values_that_used_to_pass_or_crash_are_one_line_errors(capsys, override, path, words):
+    rc, _, err = run_cli(capsys, "config", "prompts", override)
+    assert_one_line_error(rc, err, path, words)
+
+
+def test_run_dir_that_is_a_file_or_under_one(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    rc, _, err = run_cli(capsys, "config", "prompts", f"run.dir={afile}")
+    assert_one_line_error(rc, err, "run.dir", "is a file; expected a folder")
+    rc, _, err = run_cli(capsys, "config", "prompts", f"run.dir={afile}/sub")
+    assert_one_line_error(rc, err, "run.dir", "is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe left nothing behind
+
+
+def test_a_malformed_value_on_the_command_line(capsys):
+    rc, _, err = run_cli(capsys, "play", "prompts", "judge={name: mix, judges: [")
+    assert_one_line_error(rc, err, "judge={name: mix, judges: [", "not a valid value")

@@ -42,8 +42,9 @@ def test_play_prompts_on_embedded_model(tmp_path, capsys):
     assert [s["iteration"] for s in samples] == [1] * 4 + [2] * 4
     assert all(s["completion_ids"] and len(s["logprobs"]) == len(s["completion_ids"]) for s in samples)
     assert all(isinstance(s["reward"], float) and 0 <= s["reward"] <= 7 for s in samples)  # self_reward 0..7
-    assert [m["iteration"] for m in metrics] == [1, 2]
-    assert {"loss", "kl", "reward/assistant", "eval/score"} <= set(metrics[1])
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]  # 0: the held-out score before training
+    assert set(metrics[0]) >= {"eval/score"} and "loss" not in metrics[0]
+    assert {"loss", "kl", "reward/assistant", "eval/score"} <= set(metrics[2])
 
     first, second = _adapter(run, 1), _adapter(run, 2)
     lora_b = [k for k in first if "lora_B" in k]
@@ -77,7 +78,7 @@ def test_sigkill_after_first_checkpoint_then_resume(tmp_path):
     assert after[:meta["samples_bytes"]] == before[:meta["samples_bytes"]], "round 1 was rewritten or lost"
     iterations = [s["iteration"] for s in read_jsonl(run / "samples.jsonl")]
     assert iterations == [1] * 4 + [2] * 4 + [3] * 4, "a round was lost or duplicated"
-    assert [m["iteration"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+    assert [m["iteration"] for m in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3]
 
 
 def test_resumed_run_replays_exactly(tiny_model_dir, tmp_path):

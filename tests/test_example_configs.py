@@ -86,12 +86,12 @@ def test_configs_build_what_play_builds(registry, tiny_model_dir, monkeypatch):
     policy = None
     for path in (p for p in CONFIGS if EXPECTED[p.name][0] == "prompts"):
         game_name = EXPECTED[path.name][0]
-        tree = resolve(registry, game_name, [str(path)], [f"model.path={tiny_model_dir}", "model.lora.r=4"]).tree
-        env = Env(config=OmegaConf.create(tree), registry=registry)
-        env.policy = policy = policy or registry.build("backend", tree["backend"], env)
-        judge = registry.build("judge", tree["judge"], env)
-        game = registry.build("game", tree["game"], env)
-        registry.build("optimizer", tree["optimizer"], env)
+        cfg = resolve(registry, game_name, [str(path)], [f"model.path={tiny_model_dir}", "model.lora.r=4"]).config
+        env = Env(config=cfg, registry=registry)
+        env.policy = policy = policy or registry.build("backend", cfg.backend, env)
+        judge = registry.build("judge", cfg.judge, env)
+        game = registry.build("game", cfg.game, env)
+        registry.build("optimizer", cfg.optimizer, env)
         record = game.train_records[0]
         prompt = game.messages(record)
         right, wrong = judge.judge([JudgeItem(prompt, f"The answer is {record['answer']}.", record["answer"]),

@@ -97,7 +97,7 @@ def _check_run(run_dir: Path, lists: int, copies: int) -> tuple[list[dict], list
 
     samples = list(read_jsonl(run_dir / "samples.jsonl"))
     metrics = list(read_jsonl(run_dir / "metrics.jsonl"))
-    assert [m["iteration"] for m in metrics] == [1, 2]
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]  # 0: the held-out score before training
     for it in (1, 2):
         rows = [s for s in samples if s["iteration"] == it]
         assert Counter(s["role"] for s in rows) == {"setter": lists, "copier": lists * copies}
@@ -112,9 +112,10 @@ def _check_run(run_dir: Path, lists: int, copies: int) -> tuple[list[dict], list
                 assert s["reward"] == pytest.approx(1 - sum(mates) / len(mates))
             else:
                 assert s["reward"] == -1.0
-    for m in metrics:
+    for m in metrics[1:]:
         assert {"reward/setter", "reward/copier", "loss", "mirror/setter_format_ok"} <= set(m)
-    assert {"eval/f1", "eval/exact", "eval/score", "eval/setter_format_ok"} <= set(metrics[-1])
+    for m in (metrics[0], metrics[-1]):  # before training, and at the end
+        assert {"eval/f1", "eval/exact", "eval/score", "eval/setter_format_ok"} <= set(m)
     assert json.loads((run_dir / "checkpoints" / "000002" / "meta.json").read_text())["iteration"] == 2
     return samples, metrics
 

@@ -176,7 +176,7 @@ def step_grads(policy, samples, game_roles=ROLES, **kw):
 
 def objective_grads(policy, samples, game_roles=ROLES, **kw):
     """The documented objective written out directly, one sample at a time: per role, sum over its samples of the
-    clipped-ratio loss with a k3 KL (the role's β) at the sample's temperature; `token` divides by all of the
+    clipped-ratio loss (the ratio against the policy's own detached log-probs, not the sampler's) with a k3 KL (the role's β) at the sample's temperature; `token` divides by all of the
     role's tokens, `sequence` averages per sequence then over sequences; roles are summed with their weights.
     Untrained roles and invalid rewards are left out."""
     o = GRPOOptions(**{"lr": 1e-2, "max_grad_norm": 0.0, **kw})
@@ -196,7 +196,8 @@ def objective_grads(policy, samples, game_roles=ROLES, **kw):
             logp = policy.sequence_logprobs([s.prompt_ids], [s.completion_ids], temperature=s.temperature)
             ref = policy.sequence_logprobs([s.prompt_ids], [s.completion_ids], temperature=s.temperature,
                                            reference=True) if beta else None
-            loss, _, _ = grpo_token_loss(logp, torch.tensor([s.logprobs]), ref, torch.tensor([a]), o.epsilon,
+            # the "old" policy is the policy before the step, under the training forward's own numerics
+            loss, _, _ = grpo_token_loss(logp, logp.detach(), ref, torch.tensor([a]), o.epsilon,
                                          o.epsilon if o.epsilon_high is None else o.epsilon_high, beta)
             term = loss.sum() / tokens if o.aggregation == "token" else loss.mean() / len(mine)
             total = total + obj.weight * term
@@ -235,8 +236,12 @@ def test_step_updates_the_lora_weights_only(fresh):
     assert metrics["train/samples"] == 7.0
     assert metrics["train/tokens"] == sum(length for *_, length in SPECS)
     assert metrics["kl"] > 0 and metrics["kl/a"] > 0 and metrics["grad_norm"] > 0
-    assert 0 < metrics["clip_frac"] < 1
+    assert metrics["clip_frac"] == 0  # one epoch: the ratio is exactly 1, whatever the sampler recorded
+    assert metrics["sampler_logprob_gap"] == pytest.approx(0.3)  # make_samples shifts every recorded token by 0.3
     assert all(math.isfinite(v) for v in metrics.values())
+    # a second epoch sees the policy moved by the first: its ratios leave 1 and some are clipped
+    two = optimizer(fresh, lr=0.5, epochs=2, epsilon=0.01).step(make_samples(fresh, SPECS), ROLES)
+    assert 0 < two["clip_frac"] < 1
     # the optimizer wrote the advantages it used onto the samples it was given
     given = make_samples(fresh, SPECS)
     optimizer(fresh).step(given, ROLES)
@@ -373,3 +378,82 @@ def test_state_dict_round_trip(fresh):
     other.load_state_dict(state)
     first = next(iter(state["state"].values()))["exp_avg"]
     assert torch.equal(next(iter(other.torch_optimizer.state_dict()["state"].values()))["exp_avg"], first)
+
+
+# -- the second pass: exact first-step ratios, non-finite steps, what samples.jsonl learns --------------------
+
+def test_bf16_first_step_ratio_is_exactly_one(tiny_model_dir, monkeypatch):
+    """In bf16 the sampler's log-probs differ from the training forward's by rounding; the ratio must still start
+    at exactly 1 (old = the training forward's own detached log-probs) and nothing may be clipped."""
+    import arena.plugins.grpo as grpo_module
+    from arena.plugins.hf import HFBackend, HFOptions
+    from tiny import make_env
+
+    env = make_env(tiny_model_dir)
+    env.config.model.dtype = "bfloat16"
+    policy = HFBackend(HFOptions(), env)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    prompt = [{"role": "user", "content": "Name three rivers."}]
+    (gens,) = policy.generate([prompt], n=6, max_new_tokens=12, temperature=0.7)
+    samples = [Sample.from_generation(Role("a", temperature=0.7), prompt, g, reward=float(i % 3), group="g")
+               for i, g in enumerate(gens)]
+    seen = []
+    original = grpo_module.grpo_token_loss
+
+    def spy(logp, old, *args):
+        seen.append(torch.equal(logp.detach(), old))
+        return original(logp, old, *args)
+
+    monkeypatch.setattr(grpo_module, "grpo_token_loss", spy)
+    metrics = GRPO(GRPOOptions(epsilon=1e-6, beta=0.05), Env(config=None, registry=None, policy=policy)).step(
+        samples, {"a": Role("a")})
+    assert seen and all(seen)
+    assert metrics["clip_frac"] == 0.0
+    assert metrics["sampler_logprob_gap"] > 0  # the disagreement the old ratio would have carried is real
+
+
+def test_a_non_finite_loss_stops_the_step_before_the_weights_change(fresh):
+    from arena.errors import ArenaError
+
+    samples = make_samples(fresh, SPECS)
+    samples[0].reward = float("inf")
+    before = [p.detach().clone() for p in fresh.trainable_parameters()]
+    with pytest.raises(ArenaError, match="loss is nan|loss is inf"):
+        optimizer(fresh).step(samples, ROLES)
+    assert all(torch.equal(p, b) for p, b in zip(fresh.trainable_parameters(), before))
+    assert all(p.grad is None for p in fresh.trainable_parameters())
+
+
+def test_a_non_finite_gradient_stops_the_step_before_the_weights_change(fresh):
+    from arena.errors import ArenaError
+
+    param = next(p for n, p in fresh.model.named_parameters() if "lora_A" in n)
+    handle = param.register_hook(lambda g: g * float("nan"))
+    before = [p.detach().clone() for p in fresh.trainable_parameters()]
+    try:
+        with pytest.raises(ArenaError, match="gradient norm is nan"):
+            optimizer(fresh).step(make_samples(fresh, SPECS), ROLES)
+    finally:
+        handle.remove()
+    assert all(torch.equal(p, b) for p, b in zip(fresh.trainable_parameters(), before))
+
+
+def test_samples_say_whether_they_were_trained_on(fresh):
+    samples = make_samples(fresh, SPECS + [("frozen", "q1", 5.0, 6), ("a", "q1", None, 5)])
+    optimizer(fresh).step(samples, ROLES)
+    assert [s.trained for s in samples] == [True] * len(SPECS) + [False, False]
+    assert samples[-1].advantage is None and all(s.advantage is not None for s in samples[:len(SPECS)])
+
+
+def test_a_restored_state_keeps_the_options_learning_rate(fresh):
+    """--resume optimizer.lr=X must train at X: AdamW's saved param_groups would otherwise win."""
+    opt = optimizer(fresh, lr=1e-2, weight_decay=0.1)
+    opt.step(make_samples(fresh, SPECS), ROLES)
+    other = optimizer(fresh, lr=3e-4, weight_decay=0.0)
+    other.load_state_dict(opt.state_dict())
+    assert all(g["lr"] == 3e-4 and g["weight_decay"] == 0.0 for g in other.torch_optimizer.param_groups)
+    assert other.torch_optimizer.state  # the moments were restored

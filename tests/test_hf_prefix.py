@@ -3,13 +3,7 @@ same values and gradients as the plain padded passes."""
 
 import torch
 
-from arena.plugins.hf import _common_prefix
 from tiny import make_backend
-
-
-def test_common_prefix():
-    assert _common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
-    assert _common_prefix([[5], [6]]) == 0
 
 
 def test_shared_prefix_matches_plain_pass(tiny_model_dir):

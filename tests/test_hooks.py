@@ -50,7 +50,13 @@ def arena_phase_end(run, phase, seconds, tokens):
 
 @hookimpl
 def arena_round_end(run, iteration, samples):
-    _rec("arena_round_end", iteration=iteration, n=len(samples), roles=sorted({s.role for s in samples}))
+    written = os.path.join(run.dir, "samples.jsonl")
+    with open(written) as f:
+        records = [json.loads(line) for line in f]
+    _rec("arena_round_end", iteration=iteration, n=len(samples), roles=sorted({s.role for s in samples}),
+         written=[r["iteration"] for r in records],
+         trained_with=[r["advantage"] for r in records if r["iteration"] == iteration],
+         advantages=[s.advantage for s in samples])
 
 
 @hookimpl
@@ -249,17 +255,23 @@ def test_every_lifecycle_hook_is_called_in_a_run(recorder, tiny_config, tmp_path
 
     rounds = [e for e in events if e["event"] == "arena_round_end"]
     assert [(e["iteration"], e["n"], e["roles"]) for e in rounds] == [(1, 4, ["assistant"]), (2, 4, ["assistant"])]
+    # when the hook fires, the round is in samples.jsonl with the advantages the optimizer computed
+    assert [e["written"] for e in rounds] == [[1] * 4, [1] * 4 + [2] * 4]
+    assert all(e["trained_with"] == e["advantages"] for e in rounds)
+    assert any(a is not None for e in rounds for a in e["advantages"])
     metrics = [e for e in events if e["event"] == "arena_metrics"]
-    assert [e["step"] for e in metrics] == [1, 2]
-    assert "loss" in metrics[0]["keys"] and "reward/assistant" in metrics[0]["keys"]
-    assert "eval/valid_frac" in metrics[1]["keys"]
+    assert [e["step"] for e in metrics] == [0, 1, 2]  # step 0: the held-out evaluation before training
+    assert "eval/valid_frac" in metrics[0]["keys"] and "loss" not in metrics[0]["keys"]
+    assert "loss" in metrics[1]["keys"] and "reward/assistant" in metrics[1]["keys"]
+    assert "eval/valid_frac" in metrics[2]["keys"]
     saved = [e for e in events if e["event"] == "arena_checkpoint_saved"]
     assert [e["iteration"] for e in saved] == [1, 2] and all(e["complete"] for e in saved)
-    assert [e["step"] for e in events if e["event"] == "logger_metrics"] == [1, 2]  # a logger plugin hears hooks
-    # order within an iteration: the round is recorded before the optimizer step, metrics before the checkpoint
-    first = [n for n in names if n in ("arena_round_end", "optimizer_step", "arena_metrics",
-                                       "arena_checkpoint_saved")][:4]
-    assert first == ["arena_round_end", "optimizer_step", "arena_metrics", "arena_checkpoint_saved"]
+    assert [e["step"] for e in events if e["event"] == "logger_metrics"] == [0, 1, 2]  # a logger plugin hears hooks
+    # order within an iteration: the optimizer steps, then the round is recorded (with the advantages it was
+    # trained with), then metrics, then the checkpoint
+    first = [n for n in names[names.index("optimizer_step"):]
+             if n in ("arena_round_end", "optimizer_step", "arena_metrics", "arena_checkpoint_saved")][:4]
+    assert first == ["optimizer_step", "arena_round_end", "arena_metrics", "arena_checkpoint_saved"]
     assert os.path.isdir(tmp_path / "run" / "checkpoints")
 
 

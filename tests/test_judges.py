@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from arena.config import core_defaults
+from arena.config import resolve
 from arena.errors import ArenaError, ConfigError
 from arena.interfaces import Env, Judge, Policy
 from arena.plugins.judges import (
@@ -40,11 +40,11 @@ def item(response: str, reference: str | None = None, question: str = "What is 4
 
 
 def env_with(policy=None, registry=None, model_path=None) -> Env:
-    cfg = core_defaults("prompts")
-    cfg["model"]["path"] = None if model_path is None else str(model_path)
-    cfg["model"]["dtype"] = "float32"  # exact comparisons
-    cfg["model"]["lora"]["r"] = 4
-    return Env(config=OmegaConf.create(cfg), registry=registry or load_registry(), policy=policy)
+    registry = registry or load_registry()
+    overrides = ["model.dtype=float32", "model.lora.r=4"]  # exact comparisons
+    if model_path is not None:
+        overrides.append(f"model.path={model_path}")
+    return Env(config=resolve(registry, "prompts", overrides=overrides).config, registry=registry, policy=policy)
 
 
 # -- parse_score ----------------------------------------------------------------------------------------------

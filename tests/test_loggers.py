@@ -36,3 +36,13 @@ def test_notes_are_printed_verbatim(logger_class, capsys):
     logger.arena_metrics(fake_run(), 1, {"reward/solver": 1.0})
     out = capsys.readouterr().out
     assert "query: Explain [/bold] and [red]this[/red] in two lines" in out  # rich markup is not interpreted
+
+
+def test_progress_line_shows_the_change_from_the_score_before_training():
+    run = fake_run()
+    run.baseline = {"eval/score": 2.5}
+    assert "eval/score 2.5" in summary_line(run, 0, {"eval/score": 2.5}) and "before training" in summary_line(
+        run, 0, {"eval/score": 2.5})
+    line = summary_line(run, 4, {"eval/score": 2.75, "time/iteration": 1.0})
+    assert "eval/score 2.75 (+0.25 since it 0)" in line
+    assert "since it 0" not in summary_line(fake_run(), 4, {"eval/score": 2.75})  # no baseline: no change shown

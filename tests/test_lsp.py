@@ -304,7 +304,7 @@ def test_lsp_zero_has_no_quality_reward_and_resumes(tiny_config, capsys):
     ("game.queries=0", "game.queries"),
     ("optimizer.roles.judge.weight=2", "optimizer.roles.judge"),
     ("game.eval_dataset=no/such/file.jsonl", "game.eval_dataset"),
-    ("game.max_eval_prompt_chars=0", "game.eval_dataset"),
+    ("game.max_eval_prompt_chars=0", "game.max_eval_prompt_chars"),
 ])
 def test_bad_lsp_config_is_one_line_naming_the_key(tiny_config, capsys, override, key):
     from arena.cli import main
@@ -349,4 +349,4 @@ def test_play_lsp_on_embedded_model_then_resume(tmp_path, capsys):
     assert "resuming at iteration 3" in capsys.readouterr().out
     samples = list(read_jsonl(run / "samples.jsonl"))
     assert sorted({s["iteration"] for s in samples}) == [1, 2, 3]
-    assert [m["iteration"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+    assert [m["iteration"] for m in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3]

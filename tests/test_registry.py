@@ -1,16 +1,25 @@
-"""Plugin discovery: entry points and ARENA_PLUGINS_DIR files, failure isolation, the ARENA_PLUGINS allow-list,
-Options validation at registration, and `arena list`."""
+"""Plugin discovery: entry points and ARENA_PLUGINS_DIR files, failure isolation, the ARENA_PLUGINS allow-list
+and its warnings, Options validation at registration, tracing, `arena list`, and the plugin guide's examples
+(docs/plugins.md), which are run as plugins here so that the guide stays true."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import re
+import subprocess
+import sys
 import textwrap
+import warnings
+from pathlib import Path
 
 import pytest
 
 from arena.cli import main
+from arena.errors import ArenaWarning, ConfigError
 from arena.registry import load_registry
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
 
 BUILTINS = {
     "game": {"prompts": "prompts"},
@@ -289,7 +298,14 @@ def test_third_party_entry_point_and_a_broken_one(third_party):
 ])
 def test_allow_list(third_party, allow, loaded):
     third_party.setenv("ARENA_PLUGINS", allow)
-    registry = load_registry()
+    if "other" in allow:  # a name no installed plugin has: most likely a typo, so it is said
+        with pytest.warns(ArenaWarning, match=r"ARENA_PLUGINS names 'other', which matches no installed plugin; "
+                                              r"installed: broken_ep, third"):
+            registry = load_registry()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ArenaWarning)
+            registry = load_registry()
     assert ("third_judge" in registry.entries["judge"]) is loaded
     assert "broken_ep" not in registry.failed  # not allowed: not even imported
     for kind, names in BUILTINS.items():  # built-ins always load
@@ -300,9 +316,133 @@ def test_allow_list(third_party, allow, loaded):
 def test_trace_plugins(clean_env, capsys):
     clean_env.setenv("ARENA_TRACE_PLUGINS", "1")
     registry = load_registry()
+    err = capsys.readouterr().err
+    # the registration hooks go through pluggy too, once per plugin that implements them
+    assert err.count("register_games [hook]") == len({e.plugin for e in registry.entries["game"].values()})
+    assert "register_judges [hook]" in err and "register_loggers [hook]" in err
+    assert "register_backends [hook]" in err and "finish register_games" in err
+    assert "register for 'prompts'" in err  # a trace line says whose registration it is
     registry.pm.hook.arena_phase_start(run=None, phase="generate")
     err = capsys.readouterr().err
     assert "arena_phase_start" in err and "generate" in err
+    assert registry.entries["game"]["prompts"].plugin == "prompts"  # attribution is kept
+
+
+def test_no_trace_without_the_switch(clean_env, capsys):
+    load_registry()
+    assert "register_games" not in capsys.readouterr().err
+
+
+def test_hookimpl_is_exported_at_the_top_level():
+    import arena
+    import arena.hookspecs
+
+    assert arena.hookimpl is arena.hookspecs.hookimpl and arena.hookspec is arena.hookspecs.hookspec
+    assert {"hookimpl", "hookspec", "Game", "Judge", "Optimizer", "Logger", "RoundContext"} <= set(arena.__all__)
+    # importing arena stays light: a plugin module (and `arena list`) does not pay for torch
+    probe = "import sys, arena; from arena import hookimpl; print(sorted(m for m in sys.modules if m == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+UNDECORATED = '''
+from arena import Judge
+
+
+class J(Judge):
+    def judge(self, items):
+        return []
+
+
+def register_judges(register):  # no @hookimpl: pluggy would ignore it
+    register("undecorated", J)
+'''
+
+MISSPELT = '''
+from arena import Judge, hookimpl
+
+
+class J(Judge):
+    def judge(self, items):
+        return []
+
+
+@hookimpl
+def register_judge(register):  # not an arena hook
+    register("misspelt", J)
+'''
+
+
+def test_undecorated_and_misspelt_hooks_fail_the_plugin(clean_env, tmp_path):
+    folder = write_plugins(tmp_path / "p", undecorated=UNDECORATED, misspelt=MISSPELT, good=GOOD)
+    clean_env.setenv("ARENA_PLUGINS_DIR", str(folder))
+    registry = load_registry()
+    assert set(registry.failed) == {"file:undecorated.py", "file:misspelt.py"}
+    assert "register_judges without @hookimpl" in registry.failed["file:undecorated.py"]
+    assert "'register_judge', which is no arena hook" in registry.failed["file:misspelt.py"]
+    assert "register_judges" in registry.failed["file:misspelt.py"]  # the hooks it could have meant are listed
+    assert registry.pm.get_plugin("file:misspelt.py") is None
+    assert registry.entries["game"]["goodgame"].plugin == "file:good.py"
+
+
+def test_a_raising_registration_hook_fails_only_its_plugin(clean_env, tmp_path):
+    raising = '''
+from arena import Judge, hookimpl
+
+
+class J(Judge):
+    def judge(self, items):
+        return []
+
+
+@hookimpl
+def register_judges(register):
+    register("early", J)
+    raise ValueError("bad registration")
+'''
+    folder = write_plugins(tmp_path / "p", a_raising=raising, b_good=GOOD)
+    clean_env.setenv("ARENA_PLUGINS_DIR", str(folder))
+    registry = load_registry()
+    assert registry.failed == {"file:a_raising.py": "ValueError: bad registration"}
+    assert "early" not in registry.entries["judge"]
+    assert registry.entries["judge"]["goodjudge"].plugin == "file:b_good.py"
+
+
+def test_plugins_dir_that_is_not_a_folder_warns(clean_env, tmp_path):
+    missing = tmp_path / "nope"
+    clean_env.setenv("ARENA_PLUGINS_DIR", str(missing))
+    with pytest.warns(ArenaWarning, match=f"ARENA_PLUGINS_DIR {re.escape(str(missing))}: no such folder; no file "
+                                          "plugins loaded"):
+        registry = load_registry()
+    assert registry.failed == {} and "prompts" in registry.entries["game"]
+    a_file = tmp_path / "plugin.py"
+    a_file.write_text(GOOD)
+    clean_env.setenv("ARENA_PLUGINS_DIR", str(a_file))
+    with pytest.warns(ArenaWarning, match="plugin.py: not a folder; no file plugins loaded"):
+        registry = load_registry()
+    assert "goodgame" not in registry.entries["game"]
+
+
+def test_allow_list_warnings(third_party):
+    third_party.setenv("ARENA_PLUGINS", "thrid")
+    with pytest.warns(ArenaWarning) as caught:
+        registry = load_registry()
+    assert [str(w.message) for w in caught if w.category is ArenaWarning] == [
+        "ARENA_PLUGINS names 'thrid', which matches no installed plugin; installed: broken_ep, third"]
+    assert "third_judge" not in registry.entries["judge"]
+    third_party.setenv("ARENA_PLUGINS", "third,prompts")  # a built-in's name is harmless: built-ins always load
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ArenaWarning)
+        registry = load_registry()
+    assert "third_judge" in registry.entries["judge"]
+
+
+def test_allow_list_warning_through_the_cli(clean_env, capsys):
+    clean_env.setenv("ARENA_PLUGINS", "nosuch")
+    assert main(["list"]) == 0
+    err = capsys.readouterr().err
+    assert "arena: warning: ARENA_PLUGINS names 'nosuch', which matches no installed plugin; installed: " in err
 
 
 def test_arena_list_shows_each_name_with_its_plugin(clean_env, tmp_path, capsys):
@@ -328,3 +468,87 @@ def test_arena_list_shows_each_name_with_its_plugin(clean_env, tmp_path, capsys)
     assert "game" in row("goodgame") and "judge" in row("goodjudge")
     assert "boom at import" in out  # the failed plugin is listed too
     assert "file:broken.py" in err and "boom at import" in err  # and warned about
+
+
+# -- the plugin guide's examples ------------------------------------------------------------------------------
+
+def guide_files() -> dict[str, str]:
+    """The code blocks docs/plugins.md marks `<!-- tested: FILE -->`, by file name."""
+    blocks = re.findall(r"<!-- tested: (\S+) -->\s*```python\n(.*?)```", GUIDE.read_text(), re.S)
+    return dict(blocks)
+
+
+def test_guide_python_blocks_compile():
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
+    assert len(blocks) >= 5
+    for i, code in enumerate(blocks):
+        compile(code, f"docs/plugins.md block {i}", "exec")
+
+
+def test_guide_lists_every_hook():
+    import arena.hookspecs as hookspecs
+
+    text = GUIDE.read_text()
+    for name in (n for n in vars(hookspecs) if hasattr(getattr(hookspecs, n), "arena_spec")):
+        params = ", ".join(p for p in getattr(hookspecs, name).__code__.co_varnames[
+            :getattr(hookspecs, name).__code__.co_argcount])
+        assert f"`{name}({params})`" in text, f"docs/plugins.md does not list {name}({params})"
+
+
+@pytest.fixture()
+def guide_plugins(clean_env, tmp_path):
+    files = guide_files()
+    assert set(files) == {"shout.py", "reinforce.py"}
+    clean_env.setenv("ARENA_PLUGINS_DIR", str(write_plugins(tmp_path / "guide", **{
+        name.removesuffix(".py"): code for name, code in files.items()})))
+    return clean_env
+
+
+def test_guide_examples_register_and_validate(guide_plugins):
+    from arena import Env, JudgeItem
+    from arena.config import resolve
+
+    registry = load_registry()
+    assert registry.failed == {}
+    assert registry.entries["game"]["shout"].plugin == "file:shout.py"
+    assert registry.entries["judge"]["contains"].plugin == "file:shout.py"
+    assert registry.entries["optimizer"]["reinforce"].plugin == "file:reinforce.py"
+    assert registry.entries["logger"]["tally"].plugin == "file:reinforce.py"
+    assert registry.entries["game"]["shout"].help == "Reply with the word you are asked for (a one-role example game)."
+
+    resolved = resolve(registry, "shout", overrides=["game.group_size=2"])
+    assert resolved.config.judge.name == "contains"  # the game's defaults layer
+    env = Env(config=resolved.config, registry=registry)
+    game = registry.build("game", resolved.config.game, env)
+    assert list(game.roles) == ["speaker"] and game.options.group_size == 2
+    judge = registry.build("judge", resolved.config.judge, env)
+    verdicts = judge.judge([JudgeItem(prompt=[], response="An Apple!", reference="apple"),
+                            JudgeItem(prompt=[], response="pear", reference="apple"),
+                            JudgeItem(prompt=[], response="apple")])
+    assert [(v.score, v.valid) for v in verdicts[:2]] == [(1.0, True), (0.0, True)] and not verdicts[2].valid
+
+    # the errors the guide promises, at resolve time
+    with pytest.raises(ConfigError, match=r"^game\.words: empty; give at least one word$"):
+        resolve(registry, "shout", overrides=["game.words=[]"])
+    with pytest.raises(ConfigError, match=r"^game\.group_size: 0; expected at least 1$"):
+        resolve(registry, "shout", overrides=["game.group_size=0"])
+
+
+def test_guide_examples_play_a_run(guide_plugins, tiny_config, tmp_path, capsys):
+    rc = main(["play", "shout", *tiny_config, "optimizer=reinforce", "optimizer.lr=1e-2", "game.max_new_tokens=4",
+               "game.group_size=2", "run.loggers=[plain,tally]"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "tally 1/2: speaker 4 (0 invalid)" in err and "tally 2/2: speaker 4 (0 invalid)" in err
+    assert "tally: done" in err
+    assert "shout/hits" in out and "answer:" in out  # headline metric and note on the plain logger's lines
+    run = tmp_path / "run"
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["iteration"] for s in samples] == [1] * 4 + [2] * 4
+    assert all(s["role"] == "speaker" and s["reward"] in (0.0, 1.0) and s["trained"] for s in samples)
+    assert all(s["advantage"] is not None for s in samples)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    assert "eval/hits" in metrics[0] and "eval/hits" in metrics[2] and "train/samples" in metrics[1]
+    state = json.loads((run / "checkpoints" / "000002" / "game_state.json").read_text())
+    assert state == {"cursor": 4}

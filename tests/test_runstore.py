@@ -1,14 +1,21 @@
-"""The run directory: JSONL records that survive a crash, atomic checkpoints, rewinding on resume, pruning."""
+"""The run directory: JSONL records that survive a crash (strict JSON), atomic durable checkpoints, restoring
+with a fallback past damaged ones, rewinding on resume, pruning."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import warnings
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
-from arena.errors import ArenaError
-from arena.runstore import META, RunStore, read_jsonl
+from arena.errors import ArenaError, ArenaWarning
+from arena.runstore import META, RunStore, finite_json, read_jsonl
 from arena.types import Sample
 
 
@@ -108,7 +115,7 @@ def test_checkpoint_is_written_under_a_temporary_name_then_renamed(store):
     assert os.stat(final / "adapter.bin").st_ino == inode  # moved, not copied
     meta = json.loads((final / META).read_text())
     assert meta == {"iteration": 1, "samples_bytes": store.samples_path.stat().st_size,
-                    "metrics_bytes": store.metrics_path.stat().st_size}
+                    "metrics_bytes": store.metrics_path.stat().st_size, "files": {"adapter.bin": 7}}
     assert meta["samples_bytes"] > 0 and meta["metrics_bytes"] > 0
 
 
@@ -209,3 +216,263 @@ def test_rewind_without_jsonl_files(tmp_path):
     store.create("a: 1\n")
     store.rewind(None)  # nothing written yet: nothing to cut, no error
     assert not store.samples_path.exists()
+
+
+def test_check_new_ignores_a_lock_file(tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / ".lock").write_text("123\n")
+    RunStore(root).create("a: 1\n")
+    assert (root / "config.yaml").is_file()
+
+
+# -- strict JSON ----------------------------------------------------------------------------------------------
+
+def strict_loads(line: str):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_non_finite_numbers_are_written_as_null(store):
+    nan, inf = float("nan"), float("inf")
+    store.append_metrics({"iteration": 1, "loss": nan, "kl": inf, "nested": {"a": [-inf, 1.5, (nan, 2)]},
+                          "ok": 2.5, "n": 3, "s": "NaN"})
+    store.append_samples(1, [sample(1), sample(2)])
+    bad = sample(3)
+    bad.reward, bad.logprobs = nan, [-0.5, -inf]
+    store.append_samples(1, [bad])
+    lines = store.metrics_path.read_text().splitlines() + store.samples_path.read_text().splitlines()
+    records = [strict_loads(line) for line in lines]
+    assert records[0] == {"iteration": 1, "loss": None, "kl": None, "nested": {"a": [None, 1.5, [None, 2]]},
+                          "ok": 2.5, "n": 3, "s": "NaN"}
+    assert records[-1]["reward"] is None and records[-1]["logprobs"] == [-0.5, None]
+    assert records[1]["reward"] == 1.0
+
+
+def test_finite_json_leaves_finite_values_alone():
+    value = {"a": [1, 2.5, "x", None, True], "b": {"c": -0.0}}
+    assert finite_json(value) == value
+
+
+# -- save_checkpoint / restore --------------------------------------------------------------------------------
+
+class FakePolicy:
+    """Saves its weight as a real safetensors file, like a LoRA adapter folder."""
+
+    def __init__(self, value: float, shape=(4, 3)):
+        self.weight = torch.full(shape, value)
+
+    def save(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        save_file({"lora_A.weight": self.weight}, os.path.join(path, ADAPTER_FILE))
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            json.dump({"r": 4}, f)
+
+    def load(self, path: str) -> None:
+        weight = load_file(os.path.join(path, ADAPTER_FILE))["lora_A.weight"]
+        if weight.shape != self.weight.shape:  # what a LoRA rank change looks like
+            raise RuntimeError(f"size mismatch for lora_A.weight: {tuple(weight.shape)} vs "
+                               f"{tuple(self.weight.shape)}")
+        self.weight = weight
+
+
+class FakeGame:
+    def __init__(self, state=None):
+        self.state = state or {}
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def make_optimizer(steps: int = 0) -> torch.optim.AdamW:
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([param], lr=0.1)
+    for k in range(steps):
+        param.grad = torch.full((3,), float(k + 1))
+        opt.step()
+    return opt
+
+
+def save(store: RunStore, iteration: int, keep: int = 0) -> Path:
+    return store.save_checkpoint(iteration, policy=FakePolicy(float(iteration)), optimizer=make_optimizer(iteration),
+                                 game=FakeGame({"seen": iteration, "pool": ["a", "é"]}), keep=keep)
+
+
+def fresh():
+    return {"policy": FakePolicy(-1.0), "optimizer": make_optimizer(0), "game": FakeGame()}
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_save_and_restore_round_trip(store):
+    play_round(store, 1)
+    final = save(store, 1)
+    assert final == store.checkpoint_dir(1)
+    assert sorted(p.name for p in final.iterdir()) == ["adapter", "game_state.json", "meta.json", "optimizer.pt"]
+    assert not list(store.checkpoints.glob(".tmp-*"))
+    sizes = store.samples_path.stat().st_size, store.metrics_path.stat().st_size
+    play_round(store, 2)  # played, then killed before its checkpoint
+
+    parts = fresh()
+    meta = store.restore(**parts)
+    assert meta["iteration"] == 1
+    assert (meta["samples_bytes"], meta["metrics_bytes"]) == sizes
+    assert (store.samples_path.stat().st_size, store.metrics_path.stat().st_size) == sizes
+    assert torch.equal(parts["policy"].weight, torch.full((4, 3), 1.0))
+    assert parts["game"].state == {"seen": 1, "pool": ["a", "é"]}
+    want = make_optimizer(1).state_dict()
+    got = parts["optimizer"].state_dict()
+    assert got["param_groups"] == want["param_groups"]
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(got["state"][0][key], want["state"][0][key])
+
+
+def test_restore_picks_the_newest_and_prunes_with_keep(store):
+    for it in range(1, 5):
+        play_round(store, it)
+        save(store, it, keep=2)
+    assert [p.name for p in store.complete_checkpoints()] == ["000003", "000004"]
+    parts = fresh()
+    assert store.restore(**parts)["iteration"] == 4
+    assert parts["game"].state["seen"] == 4
+
+
+def test_restore_without_a_checkpoint_starts_over(store):
+    play_round(store, 1)
+    assert store.restore(**fresh()) is None
+    assert store.samples_path.stat().st_size == 0 and store.metrics_path.stat().st_size == 0
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def scramble(path: Path) -> None:
+    """Same length, wrong bytes: only reading the file can tell."""
+    path.write_bytes(bytes(b ^ 0x5A for b in path.read_bytes()))
+
+
+# (file to damage, how, the file the warning names: a scrambled adapter is named by its folder, since only
+# the backend reads inside it; a missing folder by its first missing file)
+DAMAGE = [
+    ("optimizer.pt", truncate, None), ("optimizer.pt", scramble, None), ("optimizer.pt", Path.unlink, None),
+    (f"adapter/{ADAPTER_FILE}", truncate, None), (f"adapter/{ADAPTER_FILE}", scramble, "adapter"),
+    (f"adapter/{ADAPTER_FILE}", Path.unlink, None), ("adapter", shutil.rmtree, "adapter/adapter_config.json"),
+    ("game_state.json", truncate, None), ("game_state.json", scramble, None), ("game_state.json", Path.unlink, None),
+    ("meta.json", truncate, None), ("meta.json", scramble, None),
+]
+
+
+@pytest.mark.parametrize("name,damage,named", DAMAGE, ids=[f"{n}-{d.__name__}" for n, d, _ in DAMAGE])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(store, name, damage, named):
+    play_round(store, 1)
+    save(store, 1)
+    sizes1 = store.samples_path.stat().st_size, store.metrics_path.stat().st_size
+    play_round(store, 2)
+    save(store, 2)
+    damage(store.checkpoint_dir(2) / name)
+    before = snapshot(store.checkpoint_dir(2))
+
+    parts = fresh()
+    with pytest.warns(ArenaWarning) as record:
+        meta = store.restore(**parts)
+    assert meta["iteration"] == 1
+    assert parts["game"].state["seen"] == 1 and torch.equal(parts["policy"].weight, torch.full((4, 3), 1.0))
+    assert (store.samples_path.stat().st_size, store.metrics_path.stat().st_size) == sizes1
+    [warning] = [str(w.message) for w in record]
+    assert warning.startswith(f"{store.checkpoint_dir(2) / (named or name)}: damaged checkpoint (")
+    assert warning.endswith("; using the previous one") and "\n" not in warning
+    assert snapshot(store.checkpoint_dir(2)) == before  # left in place, untouched
+
+    # the replayed round's checkpoint replaces the damaged one
+    play_round(store, 2)
+    save(store, 2)
+    assert store.restore(**fresh())["iteration"] == 2
+
+
+@pytest.mark.parametrize("name,reason", [("optimizer.pt", "RuntimeError: PytorchStreamReader failed"),
+                                         (f"adapter/{ADAPTER_FILE}", "SafetensorError: "),
+                                         ("game_state.json", "JSONDecodeError: ")])
+def test_damage_is_found_by_reading_when_meta_has_no_file_list(store, name, reason):
+    """Checkpoints written before meta.json listed file sizes: a cut-off file shows when it is parsed."""
+    save(store, 1)
+    save(store, 2)
+    meta = json.loads((store.checkpoint_dir(2) / META).read_text())
+    del meta["files"]
+    (store.checkpoint_dir(2) / META).write_text(json.dumps(meta))
+    truncate(store.checkpoint_dir(2) / name)
+    named = "adapter" if name.startswith("adapter") else name
+    with pytest.warns(ArenaWarning, match=re.escape(f"{store.checkpoint_dir(2) / named}: damaged checkpoint "
+                                                    f"({reason}")):
+        assert store.restore(**fresh())["iteration"] == 1
+
+
+def test_every_checkpoint_damaged_stops_and_changes_nothing(store):
+    play_round(store, 1)
+    save(store, 1)
+    play_round(store, 2)
+    save(store, 2)
+    play_round(store, 3)
+    truncate(store.checkpoint_dir(1) / "optimizer.pt")
+    (store.checkpoint_dir(2) / "game_state.json").unlink()
+    before = snapshot(store.root)
+    parts = fresh()
+    with pytest.warns(ArenaWarning), pytest.raises(ArenaError) as exc:
+        store.restore(**parts)
+    message = str(exc.value)
+    assert "\n" not in message and f"run.dir {store.root}" in message
+    assert str(store.checkpoint_dir(1) / "optimizer.pt") in message
+    assert str(store.checkpoint_dir(2) / "game_state.json") in message
+    assert snapshot(store.root) == before
+    assert parts["game"].state == {}
+
+
+def test_a_checkpoint_that_does_not_fit_is_an_error_not_damage(store):
+    save(store, 1)
+    save(store, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            store.restore(policy=FakePolicy(0.0, shape=(8, 3)), optimizer=make_optimizer(), game=FakeGame())
+        two_groups = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(3))]},
+                                        {"params": [torch.nn.Parameter(torch.zeros(3))]}])
+        with pytest.raises(ValueError, match="parameter groups"):
+            store.restore(policy=FakePolicy(0.0), optimizer=two_groups, game=FakeGame())
+
+
+def test_checkpoint_files_are_fsynced_before_the_rename(store, monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.fspath(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    play_round(store, 1)
+    events.clear()
+    final = save(store, 1)
+
+    [moved] = [i for i, (kind, _) in enumerate(events) if kind == "replace"]
+    tmp = Path(events[moved][1]).resolve()
+    assert tmp.name == ".tmp-000001"
+    synced_before = {path for kind, path in events[:moved] if kind == "fsync"}
+    # every file and folder of the checkpoint, under its name before the rename
+    wanted = {str(tmp)} | {str(tmp / p.relative_to(final)) for p in final.rglob("*")}
+    assert len(wanted) == 7  # the folder, adapter/ and its 2 files, optimizer.pt, game_state.json, meta.json
+    assert wanted <= synced_before, wanted - synced_before
+    assert ("fsync", str(store.checkpoints.resolve())) in events[moved:]

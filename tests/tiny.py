@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import torch
-from omegaconf import OmegaConf
-
-from arena.config import core_defaults
+from arena.config import resolve
 from arena.interfaces import Env
 from arena.registry import load_registry
 
 
 def make_env(model_dir, **lora) -> Env:
-    cfg = core_defaults("prompts")
-    cfg["model"]["path"] = str(model_dir)
-    cfg["model"]["dtype"] = "float32"  # exact comparisons; bf16 has its own test
-    cfg["model"]["lora"].update({"r": 4, **lora})
-    return Env(config=OmegaConf.create(cfg), registry=load_registry())
+    """float32 for exact comparisons (bf16 has its own tests); LoRA r 4 unless `lora` says otherwise."""
+    registry = load_registry()
+    overrides = [f"model.path={model_dir}", "model.dtype=float32",
+                 *(f"model.lora.{k}={v}" for k, v in {"r": 4, **lora}.items())]
+    return Env(config=resolve(registry, "prompts", overrides=overrides).config, registry=registry)
 
 
 def make_backend(model_dir, perturb: bool = True, seed: int = 3, **options):

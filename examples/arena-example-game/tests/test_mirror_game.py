@@ -197,7 +197,7 @@ def test_two_iterations_on_a_tiny_model(registry, tiny_model_dir, tmp_path):
     assert play(registry, resolved) == run_dir
     samples = list(read_jsonl(run_dir / "samples.jsonl"))
     metrics = list(read_jsonl(run_dir / "metrics.jsonl"))
-    assert [m["iteration"] for m in metrics] == [1, 2]
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]  # 0: the held-out score before training
     for it in (1, 2):
         rows = [s for s in samples if s["iteration"] == it]
         assert Counter(s["role"] for s in rows) == {"setter": 2, "copier": 6}
@@ -211,10 +211,10 @@ def test_two_iterations_on_a_tiny_model(registry, tiny_model_dir, tmp_path):
             else:
                 copies = [c["reward"] for c in rows if c["group"] == s["metadata"]["copier_group"]]
                 assert s["reward"] == pytest.approx(1 - sum(copies) / len(copies))
-    assert "reward/setter" in metrics[1] and "reward/copier" in metrics[1] and metrics[1]["train/samples"] >= 0
+    assert "reward/setter" in metrics[2] and "reward/copier" in metrics[2] and metrics[2]["train/samples"] >= 0
     for key in ("eval/f1", "eval/exact", "eval/score", "eval/setter_format_ok"):
-        assert 0.0 <= metrics[1][key] <= 1.0
-    assert math.isclose(metrics[1]["eval/valid_frac"], 1.0)
+        assert 0.0 <= metrics[0][key] <= 1.0 and 0.0 <= metrics[2][key] <= 1.0  # before training, and at the end
+    assert math.isclose(metrics[2]["eval/valid_frac"], 1.0)
     state = json.loads((run_dir / "checkpoints" / "000002" / "game_state.json").read_text())
     assert state["buffer"][:len(SEED_LISTS)] == SEED_LISTS and all(ws not in state["buffer"] for ws in EVAL_LISTS)
     assert OmegaConf.load(run_dir / "config.yaml").judge.name == "overlap"

@@ -1,0 +1,101 @@
+"""A run folder through the CLI on the tiny model: one process at a time, what a resume may change, a damaged
+checkpoint, and what samples.jsonl records of the update."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from arena.cli import main
+from arena.runstore import read_jsonl
+
+FAST = ["game.dataset=arithmetic", "judge=exact_match", "game.prompts_per_round=2", "game.group_size=2",
+        "game.max_new_tokens=4", "game.eval_size=2", "run.eval_every=1"]
+
+
+def _play(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_a_second_process_cannot_use_a_running_run_folder(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [a for a in tiny_config if not a.startswith("run.iterations")]
+    busy = subprocess.Popen([sys.executable, "-m", "arena", "play", "prompts", *args, *FAST, "run.iterations=500"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run / "checkpoints" / "000001" / "meta.json").exists():
+            assert busy.poll() is None, busy.communicate()
+            assert time.time() < deadline
+            time.sleep(0.1)
+        before = (run / "samples.jsonl").stat().st_size
+        rc, _, err = _play(capsys, "play", "prompts", "--resume", str(run))
+        assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert str(run) in err and "another arena process" in err
+        assert (run / "samples.jsonl").stat().st_size >= before  # nothing was cut back under the running process
+    finally:
+        busy.kill()
+        busy.wait()
+    rc, out, _ = _play(capsys, "play", "prompts", "--resume", str(run), "run.iterations=2")  # kill -9 freed it
+    assert rc == 0 and "resuming at iteration" in out
+
+
+def test_resume_applies_what_may_change_and_refuses_the_rest(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _play(capsys, "play", "prompts", *tiny_config, *FAST, "run.iterations=1")[0] == 0
+    for override, key in (("model.lora.r=8", "model.lora.r"), ("model.path=/elsewhere", "model.path"),
+                          ("game.group_size=3", "game.group_size"), ("judge=self_reward", "judge.name"),
+                          ("run.seed=4", "run.seed")):
+        rc, _, err = _play(capsys, "play", "prompts", "--resume", str(run), override)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith(f"arena: error: {key}:"), err
+        assert "cannot change on --resume" in err
+    assert "lr: 1.0e-05" in (run / "config.yaml").read_text()  # a refused resume records nothing
+
+    seen = []
+    from arena.plugins import grpo
+
+    original = grpo.GRPO.step
+
+    def spy(self, samples, roles):
+        seen.append([g["lr"] for g in self.torch_optimizer.param_groups])
+        return original(self, samples, roles)
+
+    grpo.GRPO.step = spy
+    try:
+        rc, out, err = _play(capsys, "play", "prompts", "--resume", str(run), "run.iterations=2", "optimizer.lr=0.02")
+    finally:
+        grpo.GRPO.step = original
+    assert rc == 0, err
+    assert seen == [[0.02]]  # the restored AdamW trains at the new rate, not the saved one
+    assert "lr: 0.02" in (run / "config.yaml").read_text()
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _play(capsys, "play", "prompts", *tiny_config, *FAST, "run.iterations=2")[0] == 0
+    damaged = run / "checkpoints" / "000002" / "optimizer.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    rc, out, err = _play(capsys, "play", "prompts", "--resume", str(run), "run.iterations=3")
+    assert rc == 0, err
+    assert "arena: warning:" in err and "optimizer.pt" in err and "Traceback" not in err
+    assert "resuming at iteration 2" in out
+    assert [s["iteration"] for s in read_jsonl(run / "samples.jsonl")] == [1] * 4 + [2] * 4 + [3] * 4
+    assert [m["iteration"] for m in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_samples_record_the_advantage_they_were_trained_with(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _play(capsys, "play", "prompts", *tiny_config, *FAST, "run.iterations=1")[0] == 0
+    samples = list(read_jsonl(run / "samples.jsonl"))
+    assert samples and all(s["trained"] and s["advantage"] is not None for s in samples)
+    for group in {s["group"] for s in samples}:  # reward minus the group's mean: the recorded advantages sum to 0
+        assert sum(s["advantage"] for s in samples if s["group"] == group) == pytest.approx(0.0, abs=1e-6)
+    metrics = list(read_jsonl(run / "metrics.jsonl"))
+    assert metrics[0]["iteration"] == 0 and "eval/score" in metrics[0] or "eval/valid_frac" in metrics[0]
