@@ -82,6 +82,15 @@ def check_rules(options: Any, path: str) -> None:
             raise ConfigError(f"{path}.{exc.path}" if path and exc.path else (exc.path or path), exc.detail) from None
 
 
+def cache_dir() -> Path:
+    """Where arena keeps what it derives once (the converted embedded model, extracted data): `ARENA_CACHE`, else
+    `$XDG_CACHE_HOME/arena`, else ~/.cache/arena."""
+    root = os.environ.get("ARENA_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "arena"
+
+
 @dataclass
 class LoraOptions:
     r: int = option(16, ge=1)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from arena.config import option
-from arena.data import load_records, short_records
+from arena.games.data import load_records, short_records
 from arena.errors import ArenaError, ArenaWarning, ConfigError
 from arena.games.prompts import TEMPERATURE_HINT
 from arena.hookspecs import hookimpl

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from arena.config import option
-from arena.data import load_records, short_records
+from arena.games.data import load_records, short_records
 from arena.errors import ArenaWarning, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext

@@ -22,7 +22,7 @@ from arena.config import option
 from arena.errors import ArenaError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Backend, Env
-from arena.models import load_causal_lm
+from arena.plugins.hf_models import load_causal_lm
 from arena.plugins.kernels import (TokenLogprobs, common_prefix, distinct, keep_lora_inputs_low_precision, left_pad,
                                    positions, register_cpu_gqa_sdpa, sample_tokens)
 from arena.types import Generation, Messages

@@ -288,7 +288,7 @@ def test_lora_targets_listed_for_a_conv1d_model(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from arena.cli import main
-    from arena.models import load_tokenizer, resolve_model_path
+    from arena.plugins.hf_models import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(None))
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2,
@@ -594,7 +594,7 @@ def test_a_sequence_classifier_as_model_path_is_refused(reward_model_dir, tmp_pa
     import json
     import shutil
 
-    from arena.models import load_causal_lm
+    from arena.plugins.hf_models import load_causal_lm
 
     with pytest.raises(ArenaError, match=rf"model.path {reward_model_dir}: a sequence-classification model "
                                          r"\(LlamaForSequenceClassification\).*name: reward_model"):
@@ -611,7 +611,7 @@ def test_a_sequence_classifier_as_model_path_is_refused(reward_model_dir, tmp_pa
 def test_load_sequence_classifier(reward_model_dir, tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from arena.models import load_sequence_classifier, resolve_model_path
+    from arena.plugins.hf_models import load_sequence_classifier, resolve_model_path
 
     model, tokenizer, device = load_sequence_classifier(str(reward_model_dir), "judge.path", "cpu", "float32")
     assert device == "cpu" and not model.training and model.config.pad_token_id is not None

@@ -390,7 +390,7 @@ def test_model_path_folder_without_config_json(capsys, tiny_config, tmp_path):
 
 
 def test_model_path_errors_directly(tmp_path):
-    from arena.models import resolve_model_path
+    from arena.plugins.hf_models import resolve_model_path
 
     with pytest.raises(ArenaError, match="no such file or folder"):
         resolve_model_path(str(tmp_path / "missing"))

