@@ -27,11 +27,11 @@ def _play(capsys, *argv):
 def test_a_second_process_cannot_use_a_running_run_folder(tiny_config, tmp_path, capsys):
     run = tmp_path / "run"
     args = [a for a in tiny_config if not a.startswith("run.iterations")]
-    busy = subprocess.Popen([sys.executable, "-m", "arena", "play", "prompts", *args, *FAST, "run.iterations=500"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    busy = subprocess.Popen([sys.executable, "-m", "arena", "play", "prompts", *args, *FAST,
+                             "run.iterations=1000000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not (run / "checkpoints" / "000001" / "meta.json").exists():
+        while not list(run.glob("checkpoints/0*/meta.json")):  # the folder is locked and a round is saved
             assert busy.poll() is None, busy.communicate()
             assert time.time() < deadline
             time.sleep(0.1)
