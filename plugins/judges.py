@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from arena.config import option
+from arena.config import model_path_problem, option
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Judge, Policy
@@ -164,6 +164,9 @@ class LLMJudgeOptions:
 
     def check(self) -> None:
         _check_template(self.template, ("query", "response", "reference_block", "max_score"))
+        problem = self.model and model_path_problem(self.model)
+        if problem:
+            raise ConfigError("model", f"{self.model}: {problem}")
 
 
 class LLMJudge(PromptJudge):
@@ -199,6 +202,9 @@ class RewardModelOptions:
         if not self.path:
             raise ConfigError("path", "required: a reward model folder, e.g. judge: {name: reward_model, "
                                       "path: ./rm}")
+        problem = model_path_problem(self.path)
+        if problem:
+            raise ConfigError("path", f"{self.path}: {problem}")
 
 
 class RewardModel(Judge):

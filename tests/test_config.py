@@ -377,7 +377,7 @@ def test_model_path_missing_folder(capsys, tiny_config, tmp_path):
     missing = str(tmp_path / "no-such-model")
     rc, _, err = run_cli(capsys, "play", "prompts", *tiny_config, f"model.path={missing}",
                          "game.dataset=arithmetic")
-    assert_one_line_error(rc, err, f"model.path {missing}", "no such file or folder")
+    assert_one_line_error(rc, err, f"model.path: {missing}", "no such file or folder")
 
 
 def test_model_path_folder_without_config_json(capsys, tiny_config, tmp_path):
@@ -386,7 +386,19 @@ def test_model_path_folder_without_config_json(capsys, tiny_config, tmp_path):
     (folder / "weights.bin").write_bytes(b"\0")
     rc, _, err = run_cli(capsys, "play", "prompts", *tiny_config, f"model.path={folder}",
                          "game.dataset=arithmetic")
-    assert_one_line_error(rc, err, f"model.path {folder}", "config.json")
+    assert_one_line_error(rc, err, f"model.path: {folder}", "config.json")
+
+
+def test_model_paths_are_checked_when_the_config_resolves(capsys, tmp_path):
+    """Every key that names a model is checked by `arena config`, under its full key, before anything loads."""
+    missing = tmp_path / "missing"
+    for override, key in ((f"model.path={missing}", "model.path"),
+                          (f"judge={{name: reward_model, path: {missing}}}", "judge.path"),
+                          (f"judge={{name: mix, judges: [{{name: reward_model, path: {missing}}}]}}",
+                           "judge.judges.0.path"),
+                          (f"judge={{name: llm_judge, model: {missing}}}", "judge.model")):
+        rc, _, err = run_cli(capsys, "config", "prompts", override)
+        assert_one_line_error(rc, err, f"{key}: {missing}: no such file or folder")
 
 
 def test_model_path_errors_directly(tmp_path):

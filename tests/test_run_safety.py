@@ -47,10 +47,10 @@ def test_a_second_process_cannot_use_a_running_run_folder(tiny_config, tmp_path,
     assert rc == 0 and "resuming at iteration" in out
 
 
-def test_resume_applies_what_may_change_and_refuses_the_rest(tiny_config, tmp_path, capsys):
+def test_resume_applies_what_may_change_and_refuses_the_rest(tiny_config, tmp_path, capsys, reward_model_dir):
     run = tmp_path / "run"
     assert _play(capsys, "play", "prompts", *tiny_config, *FAST, "run.iterations=1")[0] == 0
-    for override, key in (("model.lora.r=8", "model.lora.r"), ("model.path=/elsewhere", "model.path"),
+    for override, key in (("model.lora.r=8", "model.lora.r"), (f"model.path={reward_model_dir}", "model.path"),
                           ("game.group_size=3", "game.group_size"), ("judge=self_reward", "judge.name"),
                           ("run.seed=4", "run.seed")):
         rc, _, err = _play(capsys, "play", "prompts", "--resume", str(run), override)
@@ -99,3 +99,48 @@ def test_samples_record_the_advantage_they_were_trained_with(tiny_config, tmp_pa
         assert sum(s["advantage"] for s in samples if s["group"] == group) == pytest.approx(0.0, abs=1e-6)
     metrics = list(read_jsonl(run / "metrics.jsonl"))
     assert metrics[0]["iteration"] == 0 and "eval/score" in metrics[0] or "eval/valid_frac" in metrics[0]
+
+
+def test_a_non_finite_step_stops_the_run_naming_the_iteration(tiny_config, tmp_path, capsys, monkeypatch):
+    """A judge that returns an infinite score in round 2: one line naming iteration 2, the weights of checkpoint 1
+    untouched, round 2's samples kept for diagnosis (a resume cuts them back and replays the round)."""
+    from arena.plugins.judges import ExactMatch
+    from arena.types import Verdict
+
+    calls = []
+    original = ExactMatch.judge
+
+    def judge(self, items):
+        verdicts = original(self, items)
+        if len(items) == 4:  # a round (held-out evaluations score 2 items)
+            calls.append(len(items))
+            if len(calls) == 2:
+                verdicts[0] = Verdict(float("inf"))
+        return verdicts
+
+    monkeypatch.setattr(ExactMatch, "judge", judge)
+    run = tmp_path / "run"
+    rc, out, err = _play(capsys, "play", "prompts", *tiny_config, *FAST, "run.iterations=3")
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("arena: error: iteration 2: the assistant loss is nan")
+    assert [p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")] == ["000001"]
+    assert [s["iteration"] for s in read_jsonl(run / "samples.jsonl")] == [1] * 4 + [2] * 4
+    assert all(not s["trained"] for s in read_jsonl(run / "samples.jsonl") if s["iteration"] == 2)
+    monkeypatch.setattr(ExactMatch, "judge", original)
+    rc, out, err = _play(capsys, "play", "prompts", "--resume", str(run))
+    assert rc == 0 and "resuming at iteration 2" in out, err
+
+
+def test_prompts_over_the_length_limit_in_a_users_file_are_counted(tmp_path):
+    import warnings
+
+    from arena.errors import ArenaWarning
+    from arena.games.data import short_records
+
+    records = [{"prompt": "short"}, {"prompt": "x" * 50}, {"prompt": "y" * 60}]
+    with pytest.warns(ArenaWarning, match=r"game.dataset my.jsonl: left out 2 of 3 prompts longer than 10 "
+                                          r"characters \(game.max_prompt_chars\)"):
+        assert short_records(records, 10, "my.jsonl", "game.dataset", "game.max_prompt_chars") == records[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the built-in sets are filtered by design: no warning
+        short_records(records, 10, "sharegpt", "game.dataset", "game.max_prompt_chars")
