@@ -57,28 +57,19 @@ def _resolve(args: argparse.Namespace, registry, base=None):
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from arena.config import flatten
+
     registry = _registry()
     resolved = _resolve(args, registry)
     if not args.sources:
         print(resolved.to_yaml(), end="")
         return 0
-    flat = _flatten(resolved.tree)
+    flat = flatten(resolved.tree)
     width = max(len(k) for k in flat)
     for key, value in flat.items():
         source = resolved.sources.get(key) or _source_of(key, resolved.sources) or "schema default"
         print(f"{key.ljust(width)} = {json.dumps(value)}   # {source}")
     return 0
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out
 
 
 def _source_of(key: str, sources: dict) -> str | None:
@@ -93,7 +84,7 @@ def _source_of(key: str, sources: dict) -> str | None:
 def cmd_play(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from arena.config import check_resume_changes
+    from arena.config import check_resume_changes, load_file
     from arena.loop import play
 
     registry = _registry()
@@ -102,10 +93,10 @@ def cmd_play(args: argparse.Namespace) -> int:
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
             raise ArenaError(f"--resume {args.resume}: no config.yaml there; expected a run directory")
-        base = OmegaConf.to_container(OmegaConf.load(saved))
-        if base.get("game", {}).get("name") != args.game:
-            raise ArenaError(f"--resume {args.resume}: that run plays {base.get('game', {}).get('name')!r}, "
-                             f"not {args.game!r}")
+        base = load_file(str(saved), key=f"--resume {args.resume}:")
+        played = base.get("game", {}).get("name") if isinstance(base.get("game"), dict) else None
+        if played != args.game:
+            raise ArenaError(f"--resume {args.resume}: that run plays {played!r}, not {args.game!r}")
     resolved = _resolve(args, registry, base=base)
     if base is not None:
         check_resume_changes(_resolve(argparse.Namespace(game=args.game, config=[], overrides=[]), registry,

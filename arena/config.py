@@ -215,13 +215,14 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return base
 
 
-def _leaves(tree: Any, prefix: str = "") -> list[str]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of every leaf of a nested dict; an empty mapping is a leaf."""
     if isinstance(tree, dict) and tree:
-        out = []
+        out: dict[str, Any] = {}
         for key, value in tree.items():
-            out += _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
-    return [prefix]
+    return {prefix: tree}
 
 
 def merge_layers(layers: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -239,26 +240,27 @@ def merge_layers(layers: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, An
                 for leaf in [s for s in sources if s == key or s.startswith(key + ".")]:
                     del sources[leaf]
         _deep_merge(merged, layer)
-        for leaf in _leaves(layer):
+        for leaf in flatten(layer):
             for stale in [s for s in sources if s.startswith(leaf + ".")]:
                 del sources[stale]  # a whole subtree replaced by a scalar or list
             sources[leaf] = source
     return merged, sources
 
 
-def load_file(path: str) -> dict[str, Any]:
+def load_file(path: str, key: str = "--config") -> dict[str, Any]:
+    """A YAML config layer as a dict; errors are one line that starts with `key` and the file."""
     p = Path(path)
     if not p.is_file():
-        raise ArenaError(f"--config {path}: no such file")
+        raise ArenaError(f"{key} {path}: no such file")
     try:
         data = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
     except Exception as exc:  # noqa: BLE001 - a YAML error of any kind is the user's to fix
         detail = " ".join(str(exc).split())  # YAML messages span lines; the CLI prints one
-        raise ArenaError(f"--config {path}: not valid YAML ({detail})") from None
+        raise ArenaError(f"{key} {path}: not valid YAML ({detail})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ArenaError(f"--config {path}: expected a mapping of keys at the top level")
+        raise ArenaError(f"{key} {path}: expected a mapping of keys at the top level")
     return data
 
 
@@ -394,23 +396,14 @@ RESUMABLE = ("run.iterations", "run.eval_every", "run.checkpoint_every", "run.ke
 
 def check_resume_changes(saved: dict[str, Any], resolved: dict[str, Any]) -> None:
     """Refuse a resume that changes a key outside RESUMABLE (or a component's name), naming the key."""
-    before, after = _flat(saved), _flat(resolved)
+    before, after = flatten(saved), flatten(resolved)
     for key in sorted(set(before) | set(after), key=lambda k: (not k.endswith(".name"), k)):  # a new component first
         if before.get(key, _MISSING) == after.get(key, _MISSING):
             continue
         allowed = any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
         if not allowed or key.endswith(".name"):
+            may = ", ".join(r.rstrip(".") + (".*" if r.endswith(".") else "") for r in RESUMABLE)
             raise ConfigError(key, f"cannot change on --resume ({before.get(key, 'unset')!r} in the run, "
-                                   f"{after.get(key, 'unset')!r} given); a resumed run may change only "
-                                   "run.iterations, run.eval_every, run.checkpoint_every, run.keep_checkpoints, "
-                                   "run.threads, run.loggers and the optimizer's and backend's options; start a "
-                                   "new run for the rest")
+                                   f"{after.get(key, 'unset')!r} given); a resumed run may change only {may} "
+                                   "(not a component's name); start a new run for the rest")
 
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: tree}

@@ -104,9 +104,8 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
         game = run.game = registry.build("game", cfg.game, env)
         optimizer = registry.build("optimizer", cfg.optimizer, env)
         optimizer.check_roles(game.roles)
-        if not resume:  # created only once every component is built: a bad config leaves no folder behind
+        if not resume:  # created (and locked) only once every component is built: a bad config leaves no folder
             store.create(resolved.to_yaml())
-            store.lock()
 
         start = 1
         if resume:
@@ -119,6 +118,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
         started = True
         evaluating = cfg.run.eval_every > 0
         if start == 1 and evaluating:  # where the run started: every later score is read against this one
+            run.iteration = 0
             ctx = RoundContext(iteration=0, policy=policy, judge=judge, rng=seed_everything(cfg.run.seed, 0),
                                env=env)
             with ctx.phase("eval"):
@@ -169,6 +169,6 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
 def _baseline(store: RunStore) -> dict[str, float]:
     """The held-out scores recorded at iteration 0, if the run has them."""
     for record in read_jsonl(store.metrics_path):
-        if record.get("iteration") == 0:
-            return {k: v for k, v in record.items() if k.startswith("eval/")}
+        if record.get("iteration") == 0:  # a score that was not finite was written as null
+            return {k: v for k, v in record.items() if k.startswith("eval/") and v is not None}
     return {}

@@ -22,6 +22,7 @@ round. A partial last line from a crash is never parsed as a record.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -86,8 +87,16 @@ class RunStore:
                              "it, or choose another run.dir")
 
     def create(self, config_yaml: str) -> None:
+        """Make the folder, take its lock, and only then check that it is empty and write the config: two new
+        runs given the same run.dir cannot both pass the check."""
         self.check_new()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.lock()
+        try:
+            self.check_new()
+        except ArenaError:
+            self.unlock()
+            raise
         self.write_config(config_yaml)
 
     def write_config(self, config_yaml: str) -> None:
@@ -206,25 +215,31 @@ class RunStore:
         """Load the newest checkpoint that reads back whole into policy, optimizer and game, rewind the JSONL
         files to it and return its meta (None: no checkpoint, start over). A damaged checkpoint is warned about
         and skipped, never deleted; if every one is damaged, stop and change nothing."""
-        damaged: list[str] = []
+        damaged: list[tuple[Path, str]] = []
         done = self.complete_checkpoints()
         for i, path in enumerate(reversed(done)):
             try:
                 meta, opt_state, game_state = _read_checkpoint(path)
                 _load_adapter(policy, path)
             except _Damage as d:
-                damaged.append(f"{d.file} ({d.reason})")
+                damaged.append((path, f"{d.file} ({d.reason})"))
                 if i + 1 < len(done):
                     warnings.warn(f"{d.file}: damaged checkpoint ({d.reason}); using the previous one",
                                   ArenaWarning, stacklevel=2)
                 continue
-            optimizer.load_state_dict(opt_state)  # a failure here is a changed config, not damage: raise it
-            game.load_state_dict(game_state)
+            try:
+                optimizer.load_state_dict(opt_state)
+                game.load_state_dict(game_state)
+            except Exception as exc:  # noqa: BLE001 - the files read fine: the run's config no longer fits them
+                raise ArenaError(f"{path}: this checkpoint does not fit the run's components "
+                                 f"({_reason(exc)})") from None
+            for bad, _ in damaged:  # set aside, kept: an abandoned future that must not be pruned in place of
+                _set_aside(bad)     # a good checkpoint, nor restored over rounds played since
             self.rewind(meta)
             return meta
         if damaged:
-            raise ArenaError(f"run.dir {self.root}: every checkpoint is damaged: {'; '.join(damaged)}; "
-                             "nothing was changed")
+            raise ArenaError(f"run.dir {self.root}: every checkpoint is damaged: "
+                             f"{'; '.join(text for _, text in damaged)}; nothing was changed")
         self.rewind(None)
         return None
 
@@ -252,7 +267,10 @@ class _Damage(Exception):
 
 def _is_damage(exc: BaseException) -> bool:
     """Errors that mean a file's bytes are missing or wrong, as opposed to a checkpoint that does not fit."""
-    if isinstance(exc, (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError, pickle.UnpicklingError)):
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, EOFError, json.JSONDecodeError,
+                        UnicodeDecodeError, pickle.UnpicklingError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno == errno.EIO:  # the disk could not read it back
         return True
     if isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc):  # a cut-off torch zip file
         return True
@@ -297,9 +315,18 @@ def _load_adapter(policy: Any, path: Path) -> None:
     try:
         policy.load(str(adapter))
     except Exception as exc:
-        if _is_damage(exc):  # a shape mismatch (a changed config) is not damage: it is raised as it is
+        if _is_damage(exc):
             raise _Damage(adapter, _reason(exc)) from exc
-        raise
+        # a shape mismatch is no damage: the run's config (its LoRA shape, its model) no longer fits the files
+        raise ArenaError(f"{adapter}: does not fit the run's model ({_reason(exc)})") from None
+
+
+def _set_aside(path: Path) -> None:
+    """Rename a checkpoint folder to `.damaged-<name>` (with a number if that is taken): out of every listing."""
+    target, n = path.with_name(f".damaged-{path.name}"), 1
+    while target.exists():
+        target, n = path.with_name(f".damaged-{path.name}-{n}"), n + 1
+    os.replace(path, target)
 
 
 def _read_pid(fd: int) -> str:

@@ -24,8 +24,9 @@ class Role:
 class Generation:
     """One sampled completion with the token ids and the per-token log-probs of the sampling policy.
 
-    `logprobs` are log-softmax(logits / temperature) of the chosen tokens, the same quantity the training forward
-    computes at that temperature, so the importance ratio is exactly 1 at the first step.
+    `logprobs` are log-softmax(logits / temperature) of the chosen tokens, the quantity the training forward
+    computes at that temperature: equal in float32, equal up to rounding in bf16 (so an optimizer takes the
+    ratio's "old" log-probs from its own first forward, and these stay a record of what the sampler saw).
     """
 
     prompt_ids: list[int]

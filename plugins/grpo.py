@@ -97,6 +97,12 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.
     return loss, kl, was_clipped
 
 
+def _unchanged(epoch: int) -> str:
+    return ("; the weights were not changed" if epoch == 0 else
+            f" in epoch {epoch + 1}; earlier epochs of this round changed the weights, resume from the last "
+            "checkpoint to undo them")
+
+
 class GRPO(Optimizer):
     """GRPO-style policy gradient with group baselines, ratio clipping and a KL leash; AdamW."""
 
@@ -146,9 +152,7 @@ class GRPO(Optimizer):
                 continue  # contributes no gradient: skip its forward and backward
             batch.append(s)
         metrics: dict[str, float] = {"train/samples": float(len(batch))}
-        if not batch:  # nothing with a gradient: no update, but zero-advantage samples were part of the objective
-            for s in trained:
-                s.trained = True
+        if not batch:  # nothing with a gradient: no update, nothing trained on
             metrics["loss"] = 0.0
             return metrics
         by_key: dict[tuple[str, float], list[Sample]] = defaultdict(list)
@@ -168,7 +172,7 @@ class GRPO(Optimizer):
         total_loss = 0.0
         kl_sum: dict[str, float] = defaultdict(float)
         tok_count: dict[str, float] = defaultdict(float)
-        clip_sum = gap_sum = 0.0
+        clip_sum = gap_sum = gap_tokens = 0.0
         grad_norm = 0.0
         # The "old" log-probs of the ratio are the first epoch's own training forward, detached: the policy has
         # not moved yet, so the ratio starts at exactly 1 in any dtype. The sampler's recorded log-probs differ
@@ -186,10 +190,13 @@ class GRPO(Optimizer):
                     mask[i, :len(s.completion_ids)] = 1
                 if epoch == 0:
                     olds.append(logp.detach())
-                    sampled = torch.zeros_like(logp)
+                    sampled, recorded = torch.zeros_like(logp), torch.zeros_like(logp)
                     for i, s in enumerate(mb):
-                        sampled[i, :len(s.logprobs)] = torch.tensor(s.logprobs[:logp.shape[1]], dtype=logp.dtype)
-                    gap_sum += ((sampled - olds[k]).abs() * mask).sum().item()
+                        n = min(len(s.logprobs), logp.shape[1])
+                        sampled[i, :n] = torch.tensor(s.logprobs[:n], dtype=logp.dtype)
+                        recorded[i, :n] = 1
+                    gap_sum += ((sampled - olds[k]).abs() * recorded * mask).sum().item()
+                    gap_tokens += (recorded * mask).sum().item()
                 adv = torch.tensor([s.advantage for s in mb], dtype=logp.dtype, device=logp.device)
                 loss_tok, kl, clipped = grpo_token_loss(logp, olds[k], ref, adv, o.epsilon,
                                                         o.epsilon if o.epsilon_high is None else o.epsilon_high,
@@ -200,21 +207,19 @@ class GRPO(Optimizer):
                     loss = ((loss_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / denom[role]
                 if not torch.isfinite(loss):
                     self.torch_optimizer.zero_grad(set_to_none=True)
-                    raise ArenaError(f"the {role} loss is {loss.item()}; the weights were not changed. Common "
-                                     "causes: a learning rate too high for the last steps, or a judge's rewards "
-                                     "of extreme size")
+                    raise ArenaError(f"the {role} loss is {loss.item()}{_unchanged(epoch)}. Common causes: a "
+                                     "learning rate too high for the last steps, or a judge's rewards of extreme "
+                                     "size")
                 (weight * loss).backward()
                 total_loss += weight * loss.item()
                 kl_sum[role] += (kl.detach() * mask).sum().item()
                 tok_count[role] += mask.sum().item()
                 clip_sum += (clipped * mask).sum().item()
-            grads = [p.grad for p in self.params if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+            # the norm before clipping; clipping by infinity only measures it
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm or math.inf))
             if not math.isfinite(grad_norm):
                 self.torch_optimizer.zero_grad(set_to_none=True)
-                raise ArenaError(f"the gradient norm is {grad_norm}; the weights were not changed")
-            if o.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
+                raise ArenaError(f"the gradient norm is {grad_norm}{_unchanged(epoch)}")
             self.torch_optimizer.step()
         self.torch_optimizer.zero_grad(set_to_none=True)
         for s in trained:
@@ -223,7 +228,7 @@ class GRPO(Optimizer):
         metrics["loss"] = total_loss / o.epochs
         metrics["grad_norm"] = grad_norm
         metrics["clip_frac"] = clip_sum / tokens
-        metrics["sampler_logprob_gap"] = gap_sum / (tokens / o.epochs)
+        metrics["sampler_logprob_gap"] = gap_sum / max(1.0, gap_tokens)
         for role in kl_sum:
             metrics[f"kl/{role}"] = kl_sum[role] / max(1.0, tok_count[role])
         metrics["kl"] = sum(kl_sum.values()) / tokens

@@ -41,8 +41,8 @@ def embedded_gguf() -> Path:
 def _convert_gguf(gguf: Path, key: str = "model.path") -> Path:
     """Dequantize a GGUF file once into a plain checkpoint in the cache; return its folder."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    digest = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{gguf.stem}-{digest}"
     if (target / "config.json").is_file():
         return target
     import torch

@@ -505,6 +505,8 @@ def test_config_rejects_every_value_a_rule_refuses(registry):
     ("model.device=gpu", "model.device", "cuda:N"),
     ("run.dir=/proc/arena-x", "run.dir", "cannot create a folder"),
     ("optimizer.adam_betas=[0.9]", "optimizer.adam_betas", "two numbers"),
+    ("optimizer.roles.assistant.weight=-1", "optimizer.roles.assistant.weight", "at least 0"),  # inside a dict
+    ("optimizer.roles.assistant.beta=-0.1", "optimizer.roles.assistant.beta", "at least 0"),
 ])
 def test_values_that_used_to_pass_or_crash_are_one_line_errors(capsys, override, path, words):
     rc, _, err = run_cli(capsys, "config", "prompts", override)

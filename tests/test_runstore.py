@@ -391,12 +391,29 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(store, name, damage
     [warning] = [str(w.message) for w in record]
     assert warning.startswith(f"{store.checkpoint_dir(2) / (named or name)}: damaged checkpoint (")
     assert warning.endswith("; using the previous one") and "\n" not in warning
-    assert snapshot(store.checkpoint_dir(2)) == before  # left in place, untouched
+    aside = store.checkpoints / ".damaged-000002"
+    assert not store.checkpoint_dir(2).exists() and snapshot(aside) == before  # set aside, untouched
 
     # the replayed round's checkpoint replaces the damaged one
     play_round(store, 2)
     save(store, 2)
     assert store.restore(**fresh())["iteration"] == 2
+
+
+def test_a_damaged_newer_checkpoint_never_takes_a_good_ones_place(store):
+    """Restored from 5 past a damaged 10, the run saves 6 with keep=1: 6 must survive (a damaged 10 still counted
+    as the newest would have pruned it), and 10 must never be restored over the rounds played since."""
+    for it in (5, 10):
+        play_round(store, it)
+        save(store, it)
+    truncate(store.checkpoint_dir(10) / "optimizer.pt")
+    with pytest.warns(ArenaWarning):
+        assert store.restore(**fresh())["iteration"] == 5
+    play_round(store, 6)
+    assert save(store, 6, keep=1).is_dir()
+    assert [p.name for p in store.complete_checkpoints()] == ["000006"]
+    assert (store.checkpoints / ".damaged-000010" / "optimizer.pt").is_file()  # kept for a look, out of the way
+    assert store.restore(**fresh())["iteration"] == 6
 
 
 @pytest.mark.parametrize("name,reason", [("optimizer.pt", "RuntimeError: PytorchStreamReader failed"),
@@ -441,12 +458,15 @@ def test_a_checkpoint_that_does_not_fit_is_an_error_not_damage(store):
     save(store, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(RuntimeError, match="size mismatch"):
+        # one line naming the checkpoint and the cause, not a traceback from deep inside torch
+        with pytest.raises(ArenaError, match=r"000002/adapter: does not fit the run's model \(RuntimeError"):
             store.restore(policy=FakePolicy(0.0, shape=(8, 3)), optimizer=make_optimizer(), game=FakeGame())
         two_groups = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(3))]},
                                         {"params": [torch.nn.Parameter(torch.zeros(3))]}])
-        with pytest.raises(ValueError, match="parameter groups"):
+        with pytest.raises(ArenaError, match=r"000002: this checkpoint does not fit the run's components "
+                                             r"\(ValueError: .*parameter groups"):
             store.restore(policy=FakePolicy(0.0), optimizer=two_groups, game=FakeGame())
+    assert [p.name for p in store.complete_checkpoints()] == ["000001", "000002"]  # nothing was set aside
 
 
 def test_checkpoint_files_are_fsynced_before_the_rename(store, monkeypatch):

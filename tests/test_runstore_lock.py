@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def store(tmp_path) -> RunStore:
     s = RunStore(tmp_path / "run")
     s.create("game: {name: prompts}\n")
+    assert s._lock_fd is not None  # a new run holds its folder from the moment it exists
+    s.unlock()
     yield s
     s.unlock()
 
@@ -123,3 +125,14 @@ def test_the_lock_file_does_not_disturb_resume(store):
     assert store.lock_path.is_file() and store.metrics_path.stat().st_size == 0
     with pytest.raises(ArenaError, match="already holds a run"):
         store.check_new()
+
+
+def test_creating_a_run_takes_the_lock_before_anything_is_written(tmp_path):
+    """Two new runs given one run.dir: the second is refused by the lock or by the emptiness check made under it,
+    and the first run's config is never overwritten."""
+    first = RunStore(tmp_path / "run")
+    first.create("first\n")
+    with pytest.raises(ArenaError, match="another arena process|already holds a run"):
+        RunStore(tmp_path / "run").create("second\n")
+    assert first.config_path.read_text() == "first\n"
+    first.unlock()
