@@ -457,3 +457,22 @@ def test_a_restored_state_keeps_the_options_learning_rate(fresh):
     other.load_state_dict(opt.state_dict())
     assert all(g["lr"] == 3e-4 and g["weight_decay"] == 0.0 for g in other.torch_optimizer.param_groups)
     assert other.torch_optimizer.state  # the moments were restored
+
+
+def test_later_epochs_ratio_against_the_first_epochs_own_log_probs(fresh):
+    """With epochs=2 every micro-batch's second-epoch ratio is taken against its own first-epoch log-probs: the
+    update must not depend on how the round is cut into micro-batches."""
+    samples = make_samples(fresh, SPECS)
+    start = [p.detach().clone() for p in fresh.trainable_parameters()]
+
+    def weights_after(micro_batch_size):
+        with torch.no_grad():
+            for p, s in zip(fresh.trainable_parameters(), start):
+                p.copy_(s)
+        optimizer(fresh, epochs=2, lr=0.05, epsilon=0.05, micro_batch_size=micro_batch_size).step(
+            [replace(s) for s in samples], ROLES)
+        return [p.detach().clone() for p in fresh.trainable_parameters()]
+
+    whole, split = weights_after(64), weights_after(2)
+    assert any(not torch.equal(w, s) for w, s in zip(whole, start))
+    assert_same_grads([w - s for w, s in zip(split, start)], [w - s for w, s in zip(whole, start)], tol=1e-3)
