@@ -379,11 +379,17 @@ def resolve(registry: Any, game: str, config_files: list[str] = (), overrides: l
         tree[kind] = {"name": typed[kind].name, **dataclasses.asdict(typed[kind].options)}
     for i, logger in enumerate(tree["run"]["loggers"]):
         registry.get("logger", logger, f"run.loggers.{i}")
-    consumes, produces = entries["optimizer"].obj.consumes, entries["game"].obj.produces
-    if consumes not in produces:
-        raise ConfigError("optimizer.name", f"{typed['optimizer'].name!r} learns from {consumes} but game "
-                          f"{game!r} produces {', '.join(sorted(produces))}; choose an optimizer that consumes "
-                          "one of those")
+    optimizer, game_class = entries["optimizer"].obj, entries["game"].obj
+    missing = optimizer.consumed(typed["optimizer"].options) - game_class.produces
+    if missing:
+        raise ConfigError("optimizer.name", f"{typed['optimizer'].name!r} learns from {', '.join(sorted(missing))} "
+                          f"but game {game!r} produces {', '.join(sorted(game_class.produces))}; choose an "
+                          "optimizer that consumes what the game produces")
+    if game_class.role_names:
+        try:
+            optimizer.check_role_names(typed["optimizer"].options, game_class.role_names)
+        except ConfigError as exc:
+            raise ConfigError(f"optimizer.{exc.path}", exc.detail) from None
     return Resolved(Config(**typed), tree, sources)
 
 

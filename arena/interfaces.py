@@ -43,7 +43,9 @@ class Env:
 class Policy(ABC):
     """The model being trained, as games, judges and optimizers see it.
 
-    `reference=True` anywhere means the frozen reference model (for LoRA: the base with the adapter disabled).
+    `reference=True` anywhere means the frozen reference model (for LoRA: the base with the adapter disabled);
+    `reference="name"` a frozen copy of the trained weights made by `freeze_adapter` (an opponent that costs no
+    second model). Calls with a reference are never differentiable.
     """
 
     generated_tokens: int = 0  # running count, for tokens/s in progress displays
@@ -67,19 +69,19 @@ class Policy(ABC):
     @abstractmethod
     def generate(self, prompts: Sequence[Messages | list[int]], *, n: int = 1, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                 reference: bool = False) -> list[list[Generation]]:
+                 reference: bool | str = False) -> list[list[Generation]]:
         """Sample `n` completions per prompt, all prompts in as few batched calls as memory allows.
         Returns one list of n Generations per prompt, in prompt order."""
 
     @abstractmethod
     def next_token_logprobs(self, prompts: Sequence[list[int]], candidates: Sequence[int], *,
-                            reference: bool = False) -> "torch.Tensor":
+                            reference: bool | str = False) -> "torch.Tensor":
         """Log-probs of each candidate token right after each prompt: a [len(prompts), len(candidates)] tensor.
         One batched forward pass; constrained-scoring judges read their scores from it."""
 
     @abstractmethod
     def sequence_logprobs(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *,
-                          temperature: float = 1.0, reference: bool = False) -> "torch.Tensor":
+                          temperature: float = 1.0, reference: bool | str = False) -> "torch.Tensor":
         """Per-token log-probs of each completion given its prompt, at `temperature`, as a right-padded
         [batch, max_completion_len] tensor (padding is 0). Differentiable unless `reference`."""
 
@@ -92,13 +94,27 @@ class Policy(ABC):
     def trainable_parameters(self) -> list["torch.nn.Parameter"]:
         """The parameters an optimizer updates."""
 
+    def freeze_adapter(self, name: str) -> None:
+        """Keep a frozen copy of the trained weights as they are now under `name` (letters, digits, `-_.`),
+        replacing one of that name: `reference=name` then runs on it, while training moves on. Not abstract:
+        backends without frozen adapters keep working until a game asks for one."""
+        raise NotImplementedError("this backend has no frozen adapters")
+
+    def frozen_adapters(self) -> list[str]:
+        """Names of the frozen adapters held."""
+        return []
+
+    def drop_adapter(self, name: str) -> None:
+        """Free a frozen adapter (KeyError if there is none of that name)."""
+        raise NotImplementedError("this backend has no frozen adapters")
+
     @abstractmethod
     def save(self, path: str) -> None:
-        """Write the trained weights (the adapter) to a folder."""
+        """Write the trained weights (the adapter) and any frozen adapters to a folder."""
 
     @abstractmethod
     def load(self, path: str) -> None:
-        """Read weights written by `save`."""
+        """Read weights written by `save`; its frozen adapters replace the current ones (none saved: none)."""
 
 
 class Backend(Policy, ABC):
@@ -141,9 +157,31 @@ class Optimizer(ABC):
         """Compute advantages where missing, the loss, step, and return metrics. Roles with `trained=False`
         contribute no loss."""
 
+    @classmethod
+    def consumed(cls, options: Any) -> frozenset[str]:
+        """The kinds of samples an optimizer with these options learns from (a `mix`: all its parts')."""
+        return frozenset({cls.consumes})
+
+    @classmethod
+    def check_role_names(cls, options: Any, names: Sequence[str]) -> None:
+        """Raise ConfigError (key relative to the optimizer's section) for options that name a role not in
+        `names`. Runs when the config resolves for a game that declares `role_names`, and at start-up with the
+        built game's roles. The default checks the keys of an `options.roles` mapping."""
+        from arena.errors import ConfigError
+
+        unknown = sorted(set(getattr(options, "roles", None) or {}) - set(names))
+        if unknown:
+            raise ConfigError(f"roles.{unknown[0]}", f"no such role; the game's roles are: {', '.join(names)}")
+
     def check_roles(self, roles: dict[str, Role]) -> None:
-        """Called once at start-up with the game's roles: raise ConfigError for settings naming a role the game
-        does not have, before anything is played."""
+        """Called once at start-up with the built game's roles, before anything is played: `check_role_names`,
+        its errors under `optimizer.`."""
+        from arena.errors import ConfigError
+
+        try:
+            self.check_role_names(self.options, list(roles))
+        except ConfigError as exc:
+            raise ConfigError(f"optimizer.{exc.path}", exc.detail) from None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -164,6 +202,9 @@ class Game(ABC):
     produces: ClassVar[frozenset[str]] = frozenset({"rewards"})
     defaults: ClassVar[dict[str, Any]] = {}
     headline_metrics: ClassVar[tuple[str, ...]] = ()  # round metrics the progress line shows after the rewards
+    # the names `roles` will have, when known before the game is built: the config then checks an optimizer's
+    # role settings when it resolves, before any model loads
+    role_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any, env: Env):
         self.options = options

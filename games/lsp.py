@@ -167,6 +167,7 @@ class LSPGame(Game):
     defaults = {"judge": {"name": "llm_judge"}, "run": {"iterations": 10, "eval_every": 5},
                 "optimizer": {"name": "grpo", "roles": {"challenger": {"weight": 1.0}}}}
     headline_metrics = ("lsp/value",)
+    role_names = ("challenger", "solver")
 
     @classmethod
     def check_options(cls, options: LSPOptions, registry: Any, path: str) -> None:

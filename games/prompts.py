@@ -48,6 +48,7 @@ class PromptsGame(Game):
     """GRPO on a fixed prompt set (ShareGPT first turns, a JSONL file, or generated arithmetic)."""
 
     Options = PromptsOptions
+    role_names = ("assistant",)
 
     def __init__(self, options: PromptsOptions, env: Env):
         super().__init__(options, env)

@@ -16,9 +16,10 @@ from typing import Any, Optional
 import torch
 
 from arena.config import option
-from arena.errors import ArenaError, ConfigError
+from arena.errors import ArenaError
 from arena.hookspecs import hookimpl
-from arena.interfaces import Env, Optimizer
+from arena.interfaces import Env
+from arena.plugins.adamw import AdamWOptimizer, check_adam_betas, unchanged
 from arena.types import Role, Sample
 
 
@@ -48,8 +49,7 @@ class GRPOOptions:
     roles: dict[str, RoleObjective] = field(default_factory=dict)
 
     def check(self) -> None:
-        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
-            raise ConfigError("adam_betas", f"{self.adam_betas}; expected two numbers in [0, 1), e.g. [0.9, 0.999]")
+        check_adam_betas(self.adam_betas)
 
 
 def group_advantages(samples: Sequence[Sample], normalize_std: bool = False, eps: float = 1e-6) -> list[float | None]:
@@ -97,13 +97,38 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.
     return loss, kl, was_clipped
 
 
-def _unchanged(epoch: int) -> str:
-    return ("; the weights were not changed" if epoch == 0 else
-            f" in epoch {epoch + 1}; earlier epochs of this round changed the weights, resume from the last "
-            "checkpoint to undo them")
+@dataclass
+class _Round:
+    """One round as GRPO trains on it: the plan (micro-batches, denominators, reference and old log-probs) and
+    the metric sums of its passes."""
+
+    micro: list[tuple[str, float, list[Sample]]] = field(default_factory=list)
+    refs: list[Optional[torch.Tensor]] = field(default_factory=list)
+    olds: list[torch.Tensor] = field(default_factory=list)
+    denom: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    trained: list[Sample] = field(default_factory=list)
+    samples: int = 0
+    loss: float = 0.0
+    kl: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    tokens: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    clipped: float = 0.0
+    gap_sum: float = 0.0
+    gap_tokens: float = 0.0
+    grad_norm: float = 0.0
+
+    def summary(self, passes: int) -> dict[str, float]:
+        out = {"train/samples": float(self.samples)}
+        if not passes:
+            return {**out, "loss": 0.0}
+        tokens = max(1.0, sum(self.tokens.values()))
+        out.update({"loss": self.loss / passes, "grad_norm": self.grad_norm, "clip_frac": self.clipped / tokens,
+                    "sampler_logprob_gap": self.gap_sum / max(1.0, self.gap_tokens),
+                    "kl": sum(self.kl.values()) / tokens, "train/tokens": sum(self.tokens.values()) / passes})
+        out.update({f"kl/{role}": value / max(1.0, self.tokens[role]) for role, value in self.kl.items()})
+        return out
 
 
-class GRPO(Optimizer):
+class GRPO(AdamWOptimizer):
     """GRPO-style policy gradient with group baselines, ratio clipping and a KL leash; AdamW."""
 
     Options = GRPOOptions
@@ -111,34 +136,47 @@ class GRPO(Optimizer):
 
     def __init__(self, options: GRPOOptions, env: Env):
         super().__init__(options, env)
-        self.policy = env.policy
         self.micro_batch_size = options.micro_batch_size or self.policy.suggested_micro_batch()
-        params = self.policy.trainable_parameters()
-        self.torch_optimizer = torch.optim.AdamW(params, lr=options.lr, betas=tuple(options.adam_betas),
-                                                 weight_decay=options.weight_decay)
-        self.params = params
 
     def _objective(self, role: str) -> tuple[float, float]:
         obj = self.options.roles.get(role) or RoleObjective()
         return obj.weight, self.options.beta if obj.beta is None else obj.beta
 
-    def check_roles(self, roles: dict[str, Role]) -> None:
-        unknown = sorted(set(self.options.roles) - set(roles))
-        if unknown:
-            raise ConfigError(f"optimizer.roles.{unknown[0]}", f"no such role; the game's roles are: "
-                                                               f"{', '.join(roles)}")
-
     def step(self, samples: Sequence[Sample], roles: dict[str, Role]) -> dict[str, float]:
+        """One AdamW update from a round (`epochs` passes over it)."""
+        plan = self._prepare(samples, roles)
+        if not plan.micro:  # nothing with a gradient: no update, nothing trained on
+            return plan.summary(0)
+        for epoch in range(self.options.epochs):
+            self.torch_optimizer.zero_grad(set_to_none=True)
+            self._backward(plan, epoch)
+            plan.grad_norm = self.update(epoch)
+        self.torch_optimizer.zero_grad(set_to_none=True)
+        for s in plan.trained:
+            s.trained = True
+        return plan.summary(self.options.epochs)
+
+    def accumulate(self, samples: Sequence[Sample], roles: dict[str, Role], scale: float = 1.0) -> dict[str, float]:
+        """Add `scale` x the gradient of one pass of this round's loss to the parameters' `.grad`, without
+        stepping: how the `mix` optimizer sums several objectives into one update."""
+        plan = self._prepare(samples, roles)
+        if plan.micro:
+            self._backward(plan, 0, scale)
+            for s in plan.trained:
+                s.trained = True
+        return plan.summary(1 if plan.micro else 0)
+
+    def _prepare(self, samples: Sequence[Sample], roles: dict[str, Role]) -> "_Round":
+        """Advantages, the per-role denominators, the micro-batches and their reference log-probs."""
         o = self.options
         self.check_roles(roles)
         advantages = group_advantages(samples, o.normalize_std)
         for s, a in zip(samples, advantages):
             s.advantage = a
+        plan = _Round()
         batch = []
         # denominators fixed up front so micro-batch gradients add up to the exact full-batch gradient; they count
         # every sample the role trains on, including those skipped below because their gradient is zero
-        denom: dict[str, float] = defaultdict(float)
-        trained: list[Sample] = []  # marked only once the update is made
         for s, a in zip(samples, advantages):
             role = roles.get(s.role)
             if role is None or not role.trained or a is None or not s.completion_ids:
@@ -146,105 +184,66 @@ class GRPO(Optimizer):
             weight, beta = self._objective(s.role)
             if weight == 0:
                 continue
-            denom[s.role] += len(s.completion_ids) if o.aggregation == "token" else 1.0
-            trained.append(s)
+            plan.denom[s.role] += len(s.completion_ids) if o.aggregation == "token" else 1.0
+            plan.trained.append(s)
             if a == 0 and beta == 0:
                 continue  # contributes no gradient: skip its forward and backward
             batch.append(s)
-        metrics: dict[str, float] = {"train/samples": float(len(batch))}
-        if not batch:  # nothing with a gradient: no update, nothing trained on
-            metrics["loss"] = 0.0
-            return metrics
+        plan.samples = len(batch)
         by_key: dict[tuple[str, float], list[Sample]] = defaultdict(list)
         for s in batch:
             by_key[(s.role, s.temperature)].append(s)
-        micro = []
         for (role, temperature), group in by_key.items():
             # one prompt's samples stay in one micro-batch, so the backend runs that prompt once for all of them
             group.sort(key=lambda s: (len(s.prompt_ids), s.prompt_ids))
             for i in range(0, len(group), self.micro_batch_size):
-                micro.append((role, temperature, group[i:i + self.micro_batch_size]))
-        refs: list[torch.Tensor | None] = []
-        for role, temperature, mb in micro:
+                plan.micro.append((role, temperature, group[i:i + self.micro_batch_size]))
+        for role, temperature, mb in plan.micro:
             beta = self._objective(role)[1]
-            refs.append(self.policy.sequence_logprobs([s.prompt_ids for s in mb], [s.completion_ids for s in mb],
-                                                      temperature=temperature, reference=True) if beta else None)
-        total_loss = 0.0
-        kl_sum: dict[str, float] = defaultdict(float)
-        tok_count: dict[str, float] = defaultdict(float)
-        clip_sum = gap_sum = gap_tokens = 0.0
-        grad_norm = 0.0
-        # The "old" log-probs of the ratio are the first epoch's own training forward, detached: the policy has
-        # not moved yet, so the ratio starts at exactly 1 in any dtype. The sampler's recorded log-probs differ
-        # from the training forward by rounding in bf16 (batch shapes, kernels); they stay in samples.jsonl and
-        # their gap is reported as `sampler_logprob_gap`.
-        olds: list[torch.Tensor] = []
-        for epoch in range(o.epochs):
-            self.torch_optimizer.zero_grad(set_to_none=True)
-            for k, ((role, temperature, mb), ref) in enumerate(zip(micro, refs)):
-                weight, beta = self._objective(role)
-                logp = self.policy.sequence_logprobs([s.prompt_ids for s in mb], [s.completion_ids for s in mb],
-                                                     temperature=temperature)
-                mask = torch.zeros_like(logp)
+            plan.refs.append(self.policy.sequence_logprobs([s.prompt_ids for s in mb], [s.completion_ids for s in mb],
+                                                           temperature=temperature, reference=True) if beta else None)
+        return plan
+
+    def _backward(self, plan: "_Round", epoch: int, scale: float = 1.0) -> None:
+        """One pass: backward of `scale` x the loss, micro-batch by micro-batch, and the pass's metric sums.
+
+        The "old" log-probs of the ratio are the first pass's own training forward, detached: the policy has not
+        moved yet, so the ratio starts at exactly 1 in any dtype. The sampler's recorded log-probs differ from the
+        training forward by rounding in bf16 (batch shapes, kernels); they stay in samples.jsonl and their gap is
+        reported as `sampler_logprob_gap`."""
+        o = self.options
+        for k, ((role, temperature, mb), ref) in enumerate(zip(plan.micro, plan.refs)):
+            weight, beta = self._objective(role)
+            logp = self.policy.sequence_logprobs([s.prompt_ids for s in mb], [s.completion_ids for s in mb],
+                                                 temperature=temperature)
+            mask = torch.zeros_like(logp)
+            for i, s in enumerate(mb):
+                mask[i, :len(s.completion_ids)] = 1
+            if epoch == 0:
+                plan.olds.append(logp.detach())
+                sampled, recorded = torch.zeros_like(logp), torch.zeros_like(logp)
                 for i, s in enumerate(mb):
-                    mask[i, :len(s.completion_ids)] = 1
-                if epoch == 0:
-                    olds.append(logp.detach())
-                    sampled, recorded = torch.zeros_like(logp), torch.zeros_like(logp)
-                    for i, s in enumerate(mb):
-                        n = min(len(s.logprobs), logp.shape[1])
-                        sampled[i, :n] = torch.tensor(s.logprobs[:n], dtype=logp.dtype)
-                        recorded[i, :n] = 1
-                    gap_sum += ((sampled - olds[k]).abs() * recorded * mask).sum().item()
-                    gap_tokens += (recorded * mask).sum().item()
-                adv = torch.tensor([s.advantage for s in mb], dtype=logp.dtype, device=logp.device)
-                loss_tok, kl, clipped = grpo_token_loss(logp, olds[k], ref, adv, o.epsilon,
-                                                        o.epsilon if o.epsilon_high is None else o.epsilon_high,
-                                                        beta)
-                if o.aggregation == "token":
-                    loss = (loss_tok * mask).sum() / denom[role]
-                else:
-                    loss = ((loss_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / denom[role]
-                if not torch.isfinite(loss):
-                    self.torch_optimizer.zero_grad(set_to_none=True)
-                    raise ArenaError(f"the {role} loss is {loss.item()}{_unchanged(epoch)}. Common causes: a "
-                                     "learning rate too high for the last steps, or a judge's rewards of extreme "
-                                     "size")
-                (weight * loss).backward()
-                total_loss += weight * loss.item()
-                kl_sum[role] += (kl.detach() * mask).sum().item()
-                tok_count[role] += mask.sum().item()
-                clip_sum += (clipped * mask).sum().item()
-            # the norm before clipping; clipping by infinity only measures it
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm or math.inf))
-            if not math.isfinite(grad_norm):
+                    n = min(len(s.logprobs), logp.shape[1])
+                    sampled[i, :n] = torch.tensor(s.logprobs[:n], dtype=logp.dtype)
+                    recorded[i, :n] = 1
+                plan.gap_sum += ((sampled - plan.olds[k]).abs() * recorded * mask).sum().item()
+                plan.gap_tokens += (recorded * mask).sum().item()
+            adv = torch.tensor([s.advantage for s in mb], dtype=logp.dtype, device=logp.device)
+            loss_tok, kl, clipped = grpo_token_loss(logp, plan.olds[k], ref, adv, o.epsilon,
+                                                    o.epsilon if o.epsilon_high is None else o.epsilon_high, beta)
+            if o.aggregation == "token":
+                loss = (loss_tok * mask).sum() / plan.denom[role]
+            else:
+                loss = ((loss_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / plan.denom[role]
+            if not torch.isfinite(loss):
                 self.torch_optimizer.zero_grad(set_to_none=True)
-                raise ArenaError(f"the gradient norm is {grad_norm}{_unchanged(epoch)}")
-            self.torch_optimizer.step()
-        self.torch_optimizer.zero_grad(set_to_none=True)
-        for s in trained:
-            s.trained = True
-        tokens = max(1.0, sum(tok_count.values()))
-        metrics["loss"] = total_loss / o.epochs
-        metrics["grad_norm"] = grad_norm
-        metrics["clip_frac"] = clip_sum / tokens
-        metrics["sampler_logprob_gap"] = gap_sum / max(1.0, gap_tokens)
-        for role in kl_sum:
-            metrics[f"kl/{role}"] = kl_sum[role] / max(1.0, tok_count[role])
-        metrics["kl"] = sum(kl_sum.values()) / tokens
-        metrics["train/tokens"] = sum(tok_count.values()) / o.epochs
-        return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.torch_optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore AdamW's moments; the learning rate, weight decay and betas come from the options, which a
-        resumed run may have changed (a saved state would otherwise silently keep the old ones)."""
-        self.torch_optimizer.load_state_dict(state)
-        for group in self.torch_optimizer.param_groups:
-            group.update(lr=self.options.lr, weight_decay=self.options.weight_decay,
-                         betas=tuple(self.options.adam_betas))
+                raise ArenaError(f"the {role} loss is {loss.item()}{unchanged(epoch)}. Common causes: a learning "
+                                 "rate too high for the last steps, or a judge's rewards of extreme size")
+            (scale * weight * loss).backward()
+            plan.loss += weight * loss.item()
+            plan.kl[role] += (kl.detach() * mask).sum().item()
+            plan.tokens[role] += mask.sum().item()
+            plan.clipped += (clipped * mask).sum().item()
 
 
 @hookimpl

@@ -1,6 +1,7 @@
 """The `hf` backend: transformers generation and training with a LoRA adapter (peft).
 
-The reference policy is the same model with the adapter disabled (exact base logits, no second copy). Sampling
+The reference policy is the same model with the adapter disabled (exact base logits, no second copy); frozen
+adapters (opponents) are copies of the LoRA weights alone, swapped in for a call (`_adapter`). Sampling
 records log-softmax(logits / T) of each chosen token while generating (kept in samples.jsonl), and the training
 forward uses the same T. Batch sizes follow the device: the measured CPU optimum on a CPU, free memory on a GPU.
 The tensor routines it is built from live in `arena.plugins.kernels`.
@@ -11,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -31,6 +34,7 @@ from arena.types import Generation, Messages
 # sizes cost 4x (one H200 iteration: 4.76 s at 64/8, 1.28 s at 256/64), so there they follow free memory.
 CPU_GENERATION_BATCH = 64
 CPU_MICRO_BATCH = 8
+FROZEN = "frozen"  # save(): the frozen adapters, one <name>.safetensors each, in this subfolder
 
 
 @dataclass
@@ -116,6 +120,7 @@ class HFBackend(Backend):
         elif model.generation_config.eos_token_id:
             self.eos_ids.update(model.generation_config.eos_token_id)
         self.generated_tokens = 0
+        self._frozen: dict[str, dict[str, torch.Tensor]] = {}  # name -> {trainable parameter name: copy}
 
     # -- text ---------------------------------------------------------------------------------------------------
     def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
@@ -139,8 +144,34 @@ class HFBackend(Backend):
         return ids[0]
 
     # -- helpers ------------------------------------------------------------------------------------------------
-    def _adapter(self, reference: bool) -> Any:
-        return self.model.disable_adapter() if reference else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _adapter(self, reference: bool | str) -> Iterator[None]:
+        """The weights a call runs on: the trained adapter, the base (adapter disabled) or a frozen adapter. A
+        frozen one's tensors take the place of the trained parameters' `.data` until the call ends: no copy, and
+        unlike an in-place `copy_` it leaves their version counters alone, so a graph built before the call (a
+        loss awaiting backward) stays valid. The parameter objects, their grads and optimizer state are untouched."""
+        if not isinstance(reference, str):
+            with self.model.disable_adapter() if reference else contextlib.nullcontext():
+                yield
+            return
+        params = dict(self._trained())
+        trained = {}
+        try:
+            for name, tensor in self._frozen_weights(reference).items():
+                trained[name] = params[name].data
+                params[name].data = tensor
+            yield
+        finally:
+            for name, tensor in trained.items():
+                params[name].data = tensor
+
+    def _trained(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def _frozen_weights(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._frozen:
+            raise KeyError(f"no frozen adapter {name!r}; frozen adapters: {self.frozen_adapters() or 'none'}")
+        return self._frozen[name]
 
     @contextlib.contextmanager
     def _lora_dropout(self, active: bool) -> Iterator[None]:
@@ -206,7 +237,7 @@ class HFBackend(Backend):
     # -- sampling -----------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Messages | list[int]], *, n: int = 1, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                 reference: bool = False) -> list[list[Generation]]:
+                 reference: bool | str = False) -> list[list[Generation]]:
         """temperature 0 is greedy decoding (its log-probs recorded at T=1)."""
         if temperature < 0:
             raise ValueError(f"temperature {temperature}: expected >= 0 (0: greedy)")
@@ -228,7 +259,7 @@ class HFBackend(Backend):
         return [results[i * n:(i + 1) * n] for i in range(len(encoded))]
 
     def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                        greedy: bool, reference: bool) -> list[Generation]:
+                        greedy: bool, reference: bool | str) -> list[Generation]:
         """Our own decode loop rather than `model.generate`: each distinct prompt is prefilled once and its KV
         cache gathered to its samples, tokens are drawn by `sample_tokens`, and log p(token) at temperature T is
         recorded as drawn. Tokens and log-probs stay on the device until the end, and "all rows done?" is asked
@@ -281,7 +312,7 @@ class HFBackend(Backend):
 
     # -- scoring ------------------------------------------------------------------------------------------------
     def next_token_logprobs(self, prompts: Sequence[list[int]], candidates: Sequence[int], *,
-                            reference: bool = False) -> torch.Tensor:
+                            reference: bool | str = False) -> torch.Tensor:
         """Judges send many prompts that open with the same long rubric: that shared prefix is run once and its
         KV cache reused by every row, which cuts a self-reward pass to roughly the length of the varying part."""
         if not prompts:
@@ -315,7 +346,7 @@ class HFBackend(Backend):
         return torch.cat(out)
 
     def sequence_logprobs(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], *,
-                          temperature: float = 1.0, reference: bool = False) -> torch.Tensor:
+                          temperature: float = 1.0, reference: bool | str = False) -> torch.Tensor:
         """Completions of one prompt (a GRPO group) share its forward pass: each distinct prompt runs once and
         its KV cache is gathered for every row, gradients included (`share_prompts`)."""
         if temperature <= 0:
@@ -376,15 +407,49 @@ class HFBackend(Backend):
 
     # -- training -----------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return [p for _, p in self._trained()]
+
+    def freeze_adapter(self, name: str) -> None:
+        """Copies of the LoRA weights only (the base is shared): an opponent costs one adapter's memory."""
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"frozen adapter name {name!r}: use letters, digits, '-', '_' and '.' only (it "
+                             "names a file in saved checkpoints)")
+        self._frozen[name] = {n: p.detach().clone() for n, p in self._trained()}
+
+    def frozen_adapters(self) -> list[str]:
+        return sorted(self._frozen)
+
+    def drop_adapter(self, name: str) -> None:
+        self._frozen_weights(name)  # unknown: the KeyError that lists the names
+        del self._frozen[name]
 
     def save(self, path: str) -> None:
+        """The adapter, and the frozen adapters in `frozen/` (files of dropped ones removed)."""
+        from safetensors.torch import save_file
+
         self.model.save_pretrained(path)
+        folder = Path(path) / FROZEN
+        for old in folder.glob("*.safetensors"):
+            old.unlink()
+        for name, weights in self._frozen.items():
+            folder.mkdir(exist_ok=True)
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / f"{name}.safetensors"))
 
     def load(self, path: str) -> None:
+        """The checkpoint is the truth: its frozen adapters replace the current ones (none without `frozen/`).
+        All files are read and checked before anything changes."""
         from peft.utils import load_peft_weights, set_peft_model_state_dict
+        from safetensors.torch import load_file
 
+        params = dict(self._trained())
+        frozen = {}
+        for file in sorted((Path(path) / FROZEN).glob("*.safetensors")):
+            weights = load_file(str(file), device=str(self.device))
+            if weights.keys() != params.keys() or any(t.shape != params[k].shape for k, t in weights.items()):
+                raise ValueError(f"{file}: a frozen adapter of another LoRA shape than this model's")
+            frozen[file.name.removesuffix(".safetensors")] = {k: t.to(params[k].dtype) for k, t in weights.items()}
         set_peft_model_state_dict(self.model, load_peft_weights(path, device=self.device))
+        self._frozen = frozen
 
 
 @hookimpl

@@ -25,7 +25,7 @@ BUILTINS = {
     "game": {"prompts": "prompts"},
     "judge": {"self_reward": "judges", "llm_judge": "judges", "reward_model": "judges", "exact_match": "judges",
               "mix": "judges"},
-    "optimizer": {"grpo": "grpo"},
+    "optimizer": {"grpo": "grpo", "dpo": "dpo", "mix": "mix_optimizer"},
     "backend": {"hf": "hf"},
     "logger": {"console": "loggers", "plain": "loggers"},
 }
@@ -456,16 +456,15 @@ def test_arena_list_shows_each_name_with_its_plugin(clean_env, tmp_path, capsys)
     def cells(line: str) -> list[str]:
         return [c for c in re.split(r"[\s│┃|]+", line) if c]
 
-    def row(name: str) -> list[str]:
-        found = [cells(line) for line in lines if name in cells(line)]
-        assert len(found) == 1, f"{name} listed {len(found)} times:\n{out}"
+    def row(kind: str, name: str) -> list[str]:  # one name may be a judge and an optimizer (mix)
+        found = [cells(line) for line in lines if cells(line)[:2] == [kind, name]]
+        assert len(found) == 1, f"{kind} {name} listed {len(found)} times:\n{out}"
         return found[0]
 
-    expected = {name: plugin for names in BUILTINS.values() for name, plugin in names.items()}
-    expected.update({"goodgame": "file:good.py", "goodjudge": "file:good.py"})
-    for name, plugin in expected.items():
-        assert plugin in row(name), row(name)
-    assert "game" in row("goodgame") and "judge" in row("goodjudge")
+    expected = {(kind, name): plugin for kind, names in BUILTINS.items() for name, plugin in names.items()}
+    expected.update({("game", "goodgame"): "file:good.py", ("judge", "goodjudge"): "file:good.py"})
+    for (kind, name), plugin in expected.items():
+        assert plugin in row(kind, name), row(kind, name)
     assert "boom at import" in out  # the failed plugin is listed too
     assert "file:broken.py" in err and "boom at import" in err  # and warned about
 

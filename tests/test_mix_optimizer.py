@@ -1,0 +1,156 @@
+"""The `mix` optimizer: per-role objectives summed into one update, and every way its config can be wrong."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from arena.config import resolve
+from arena.errors import ConfigError
+from arena.interfaces import Env
+from arena.plugins.grpo import GRPO, GRPOOptions
+from arena.registry import load_registry
+from arena.types import Role
+from test_grpo import ROLES, SPECS, assert_same_grads, fresh, make_samples, policy  # noqa: F401 - fixtures
+
+MIX = {"name": "mix", "lr": 1e-2, "max_grad_norm": 0.0,
+       "parts": [{"name": "grpo", "trains": ["a"], "beta": 0.05},
+                 {"name": "grpo", "trains": ["b"], "beta": 0.3, "weight": 0.5}]}
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_registry()
+
+
+def grads(params):
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def test_the_mixed_gradient_is_the_weighted_sum_of_the_parts(fresh, registry):
+    env = Env(config=None, registry=registry, policy=fresh)
+    mix = registry.build("optimizer", MIX, env)
+    params = fresh.trainable_parameters()
+    captured = {}
+    original = mix.torch_optimizer.step
+
+    def spy(*args, **kwargs):
+        captured["grads"] = grads(params)
+        return original(*args, **kwargs)
+
+    mix.torch_optimizer.step = spy
+    before = [p.detach().clone() for p in params]
+    metrics = mix.step(make_samples(fresh, SPECS), ROLES)
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))  # one real update
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+
+    separately = []
+    for roles, beta in ((["a"], 0.05), (["b"], 0.3)):  # each part alone, as its own optimizer would compute it
+        for p in params:
+            p.grad = None
+        part = GRPO(GRPOOptions(beta=beta), env)
+        part.accumulate([s for s in make_samples(fresh, SPECS) if s.role in roles], ROLES)
+        separately.append(grads(params))
+    for p in params:
+        p.grad = None
+    want = [a + 0.5 * b for a, b in zip(*separately)]
+    assert_same_grads(captured["grads"], want)
+    assert {"grpo0/loss", "grpo1/loss", "grpo0/kl", "grpo1/kl", "loss", "grad_norm"} <= set(metrics)
+    assert metrics["loss"] == pytest.approx(metrics["grpo0/loss"] + 0.5 * metrics["grpo1/loss"])
+
+
+def test_trained_flags_and_a_role_no_part_claims(fresh, registry):
+    env = Env(config=None, registry=registry, policy=fresh)
+    samples = make_samples(fresh, SPECS)
+    registry.build("optimizer", MIX, env).step(samples, ROLES)
+    assert all(s.trained for s in samples if s.role in ("a", "b"))
+    only_a = {**MIX, "parts": [MIX["parts"][0]]}
+    with pytest.raises(ConfigError, match="no part trains role 'b'") as exc:
+        registry.build("optimizer", only_a, env).check_roles(ROLES)
+    assert exc.value.path == "optimizer.parts"
+    # a role the game does not train needs no part ("frozen" in ROLES is untrained)
+    registry.build("optimizer", {**MIX, "parts": MIX["parts"]}, env).check_roles(ROLES)
+
+
+def test_a_failed_part_leaves_the_weights_and_marks_nothing(fresh, registry):
+    env = Env(config=None, registry=registry, policy=fresh)
+    samples = make_samples(fresh, SPECS)
+    samples[-1].reward = float("inf")  # role b: its part's loss is not finite
+    params = fresh.trainable_parameters()
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(Exception, match="loss is nan|loss is inf"):
+        registry.build("optimizer", MIX, env).step(samples, ROLES)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert not any(s.trained for s in samples)
+
+
+@pytest.mark.parametrize("parts, key, words", [
+    ("[{name: grpo, trains: [solver]}, {name: grpo, trains: [challenger, solver]}]", "optimizer.parts.1.trains",
+     "already trained by part 0"),
+    ("[{name: grpo, trains: [solver]}]", "optimizer.parts", "no part trains role 'challenger'"),
+    ("[{name: grpo, trains: [solver, judge]}, {name: grpo, trains: [challenger]}]", "optimizer.parts.0.trains",
+     "no role 'judge'"),
+    ("[{name: grpo, trains: [solver], epochs: 2}, {name: grpo, trains: [challenger]}]", "optimizer.parts.0.epochs",
+     "one pass"),
+    ("[{name: grpo, trains: [solver], lr: -1}, {name: grpo, trains: [challenger]}]", "optimizer.parts.0.lr",
+     "more than 0"),
+    ("[{name: grpo, trains: solver}]", "optimizer.parts.0.trains", "a list"),
+    ("[{name: grpo, trains: [solver], weight: -1}]", "optimizer.parts.0.weight", ">= 0"),
+    ("[{name: grpo, trains: [solver], beta_: 1}]", "optimizer.parts.0.beta_", "unknown key"),
+    ("[{name: grpo, trains: [solver], roles: {judge: {weight: 2}}}, {name: grpo, trains: [challenger]}]",
+     "optimizer.parts.0.roles.judge", "no such role"),
+    ("[{name: nope, trains: [solver]}]", "optimizer.parts.0.name", "unknown optimizer"),
+    ("[{name: mix, trains: [solver], parts: []}]", "optimizer.parts.0.name", "cannot be mixed"),
+    ("[]", "optimizer.parts", "at least one part"),
+])
+def test_config_errors_name_the_key(registry, parts, key, words):
+    overrides = [f"optimizer={{name: mix, parts: {parts}}}"]
+    with pytest.raises(ConfigError) as exc:
+        resolve(registry, "lsp", overrides=overrides)
+    assert exc.value.path == key and words in str(exc.value), str(exc.value)
+
+
+def test_config_yaml_keeps_each_part_complete(registry):
+    r = resolve(registry, "lsp", overrides=[
+        "optimizer={name: mix, parts: [{name: grpo, trains: [solver]}, {name: grpo, trains: [challenger], beta: 0}]}"])
+    parts = r.tree["optimizer"]["parts"]
+    assert parts[0]["name"] == "grpo" and parts[0]["weight"] == 1.0 and parts[0]["beta"] == 0.05
+    assert parts[1]["beta"] == 0.0 and "micro_batch_size" in parts[1]
+    again = resolve(registry, "lsp", base=r.tree)  # what --resume reads back resolves to the same
+    assert again.tree == r.tree
+
+
+def test_grpo_for_one_role_and_dpo_for_another(fresh, registry):
+    """Two objective families in one update: the gradient is grpo's for role a plus 0.7 x dpo's for role b."""
+    from arena.plugins.dpo import DPO, DPOOptions
+    from test_dpo import SPECS as PAIR_SPECS
+    from test_dpo import make_pairs
+
+    env = Env(config=None, registry=registry, policy=fresh)
+    rewards = [s for s in make_samples(fresh, SPECS) if s.role == "a"]
+    pairs = [s for s in make_pairs(fresh, PAIR_SPECS) if s.role == "b"]
+    spec = {"name": "mix", "lr": 1e-2, "max_grad_norm": 0.0,
+            "parts": [{"name": "grpo", "trains": ["a"]}, {"name": "dpo", "trains": ["b"], "weight": 0.7}]}
+    mix = registry.build("optimizer", spec, env)
+    assert type(mix).consumed(mix.options) == frozenset({"rewards", "pairs"})
+    params = fresh.trainable_parameters()
+    captured = {}
+    original = mix.torch_optimizer.step
+    mix.torch_optimizer.step = lambda *a, **k: (captured.setdefault("grads", grads(params)), original(*a, **k))
+    before = [p.detach().clone() for p in params]
+    metrics = mix.step([replace(s) for s in rewards + pairs], ROLES)
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+    for p in params:
+        p.grad = None
+    GRPO(GRPOOptions(), env).accumulate([replace(s) for s in rewards], ROLES)
+    DPO(DPOOptions(), env).accumulate([replace(s) for s in pairs], ROLES, scale=0.7)
+    assert_same_grads(captured["grads"], grads(params))
+    for p in params:
+        p.grad = None
+    assert {"grpo/loss", "dpo/loss", "dpo/margin", "dpo/accuracy"} <= set(metrics)
