@@ -68,7 +68,7 @@ def sharegpt_pairs() -> list[dict[str, str]]:
 
 
 def load_prompt_file(path: str, key: str = "game.dataset") -> list[dict[str, Any]]:
-    """Records of a JSONL file with a string `prompt` and an optional `answer` per line."""
+    """Records of a JSONL file with a string `prompt` and an optional `answer` (or `response`) per line."""
     p = Path(path)
     if not p.is_file():
         raise ArenaError(f"{key} {path}: no such file; expected sharegpt, arithmetic or a JSONL file")
@@ -86,7 +86,7 @@ def load_prompt_file(path: str, key: str = "game.dataset") -> list[dict[str, Any
             raise ArenaError(f"{key} {path}:{number}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
             raise ArenaError(f"{key} {path}:{number}: expected an object with a non-empty string \"prompt\"")
-        answer = record.get("answer")
+        answer = record.get("answer", record.get("response"))
         records.append({"prompt": record["prompt"], "answer": None if answer is None else str(answer)})
     if not records:
         raise ArenaError(f"{key} {path}: holds no records")

@@ -9,7 +9,7 @@ from typing import Any
 from arena.hookspecs import hookimpl
 from arena.interfaces import Logger
 
-SUMMARY_KEYS = ("kl", "loss", "eval/score")
+SUMMARY_KEYS = ("kl", "loss")
 
 
 def summary_line(run: Any, step: int, metrics: dict[str, float]) -> str:
@@ -20,7 +20,8 @@ def summary_line(run: Any, step: int, metrics: dict[str, float]) -> str:
     for key in sorted(k for k in metrics if k.startswith("invalid/") and metrics[k]):
         parts.append(f"{key} {int(metrics[key])}")
     baseline = getattr(run, "baseline", {}) if step > 0 else {}
-    for key in (*getattr(run.game, "headline_metrics", ()), *SUMMARY_KEYS):
+    evals = sorted(k for k in metrics if k.startswith("eval/") and k != "eval/valid_frac")
+    for key in (*getattr(run.game, "headline_metrics", ()), *SUMMARY_KEYS, *evals):
         if key in metrics:
             change = f" ({metrics[key] - baseline[key]:+.3g} since it 0)" if key in baseline else ""
             parts.append(f"{key} {metrics[key]:.4g}{change}")

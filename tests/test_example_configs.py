@@ -24,6 +24,8 @@ EXPECTED = {  # file -> (game, judge, what sets it apart)
     "lsp-paper.yaml": ("lsp", "reward_model", {"game.queries": 8, "game.quality_reward": True,
                                                "optimizer.lr": 3e-6, "optimizer.beta": 0.05}),
     "lsp-zero.yaml": ("lsp", "llm_judge", {"game.quality_reward": False}),
+    "spin-paper.yaml": ("spin", "self_reward", {"optimizer.beta": 0.1, "optimizer.lr": 5e-7, "optimizer.epochs": 2,
+                                                "run.iterations": 3128, "game.rounds_per_iteration": 782}),
 }
 
 
@@ -118,3 +120,18 @@ def test_lsp_configs_play_a_round(registry, tiny_model_dir, reward_model_dir, na
     assert {s["role"] for s in samples} == {"challenger", "solver"}
     quality = EXPECTED[name][2]["game.quality_reward"]
     assert all((s["metadata"]["R_Q"] is not None) == quality for s in samples if s["role"] == "solver")
+
+
+def test_spin_paper_config_plays_a_round(tiny_model_dir, tmp_path, monkeypatch):
+    """The paper's SPIN settings as written (two epochs, beta 0.1), on the tiny model with short outputs."""
+    from arena.cli import main
+    from arena.runstore import read_jsonl
+
+    monkeypatch.chdir(ROOT)
+    small = [f"model.path={tiny_model_dir}", "model.lora.r=4", f"run.dir={tmp_path / 'run'}", "run.iterations=1",
+             "run.loggers=[plain]", "game.prompts_per_round=2", "game.max_new_tokens=4", "game.eval_size=1",
+             "game.max_prompt_chars=400"]
+    assert main(["play", "spin", "--config", str(ROOT / "examples" / "configs" / "spin-paper.yaml"), *small]) == 0
+    samples = list(read_jsonl(tmp_path / "run" / "samples.jsonl"))
+    assert sorted(s["metadata"]["pair"] for s in samples) == ["chosen", "chosen", "rejected", "rejected"]
+    assert all(s["trained"] for s in samples)

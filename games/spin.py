@@ -1,0 +1,196 @@
+"""The `spin` game: Self-Play fIne-tuNing (Chen et al., ICML 2024).
+
+Prompts x come with real (human) responses y. In SPIN iteration t the opponent, the model as it was when
+iteration t-1 ended (the starting model for t = 0), answers each prompt with y'; the player is trained to tell y
+from y' with the pairwise loss -log σ(β[(log π(y|x) - log π_t(y|x)) - (log π(y'|x) - log π_t(y'|x))]), where
+π_t is the opponent. When iteration t ends, the trained adapter is frozen as the next opponent.
+
+A SPIN iteration spans `rounds_per_iteration` rounds. The opponent is a frozen copy of the LoRA adapter beside
+the trained one (`policy.freeze_adapter`), never a second model; the starting opponent is the base model (the
+adapter starts at zero). Each round hands the optimizer pairs: two samples of one group, `metadata["pair"]`
+chosen (the real response) and rejected (the opponent's), with the opponent named in `metadata["reference"]`.
+Both responses are cut to `max_new_tokens` and compared without an end token, so the player cannot learn to
+tell them apart by length or by whether they stop.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from arena.config import option
+from arena.errors import ConfigError
+from arena.games.data import load_records, short_records
+from arena.hookspecs import hookimpl
+from arena.interfaces import Env, Game, RoundContext
+from arena.types import Messages, Role, Sample
+
+
+@dataclass
+class SpinOptions:
+    dataset: str = "sharegpt"  # sharegpt (first human turn, the answer that followed) or a JSONL of prompt/response
+    rounds_per_iteration: int = option(4, ge=1)  # rounds before the trained adapter becomes the next opponent
+    prompts_per_round: int = option(8, ge=1)  # pairs per round
+    max_new_tokens: int = option(48, ge=1)  # the opponent's response length; real responses are cut to it too
+    temperature: float = option(1.0, gt=0.0)  # the opponent's sampling temperature
+    top_p: float = option(1.0, gt=0.0, le=1.0)
+    eval_size: int = option(16, ge=0)  # held-out pairs, never trained on
+    max_prompt_chars: int = option(400, ge=1)
+    system_prompt: Optional[str] = None
+
+    def check(self) -> None:
+        if self.dataset != "sharegpt" and not Path(self.dataset).is_file():
+            raise ConfigError("dataset", f"{self.dataset}: no such file; expected sharegpt or a JSONL file of "
+                                         "{\"prompt\": ..., \"response\": ...} records")
+
+
+def spin_iteration(iteration: int, rounds_per_iteration: int) -> int:
+    """The SPIN iteration t a round (1-based) belongs to."""
+    return (iteration - 1) // rounds_per_iteration
+
+
+def opponent_name(t: int) -> str | None:
+    """The frozen adapter that plays the opponent in SPIN iteration t; None: the starting model (the base)."""
+    return None if t == 0 else f"spin-opponent-{t}"
+
+
+def held_out_preference(chosen: torch.Tensor, rejected: torch.Tensor, chosen_ref: torch.Tensor,
+                        rejected_ref: torch.Tensor) -> float:
+    """Share of pairs whose implicit reward log π - log π_ref prefers the real response (ties count half)."""
+    margin = (chosen - chosen_ref) - (rejected - rejected_ref)
+    return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+
+
+class SpinGame(Game):
+    """SPIN: the player learns to tell real responses from those of its previous iteration."""
+
+    Options = SpinOptions
+    produces = frozenset({"pairs"})
+    role_names = ("player",)
+    defaults = {"optimizer": {"name": "dpo", "beta": 0.1, "lr": 2e-4},  # a LoRA on a 135M model on CPU
+                "run": {"iterations": 12, "eval_every": 4}}
+    headline_metrics = ("margin", "accuracy", "spin/iteration")
+
+    def __init__(self, options: SpinOptions, env: Env):
+        super().__init__(options, env)
+        records = [r for r in load_records(options.dataset, "game.dataset") if r.get("answer")]
+        records = short_records(records, options.max_prompt_chars, options.dataset, "game.dataset",
+                                "game.max_prompt_chars")
+        if len(records) <= options.eval_size:
+            raise ConfigError("dataset", f"{options.dataset}: {len(records)} prompts with a response and at most "
+                                         f"{options.max_prompt_chars} characters, but eval_size is "
+                                         f"{options.eval_size}; need more than that")
+        random.Random(env.config.run.seed).shuffle(records)
+        self.eval_records = records[:options.eval_size]
+        self.train_records = records[options.eval_size:]
+        self.cursor = 0
+        self.opponents: dict[str, str] = {}  # SPIN iteration -> its opponent ("base" or a frozen adapter)
+        self._roles = {"player": Role("player", max_new_tokens=options.max_new_tokens,
+                                      temperature=options.temperature, top_p=options.top_p)}
+
+    @property
+    def roles(self) -> dict[str, Role]:
+        return self._roles
+
+    def messages(self, record: dict[str, Any]) -> Messages:
+        system = [{"role": "system", "content": self.options.system_prompt}] if self.options.system_prompt else []
+        return [*system, {"role": "user", "content": record["prompt"]}]
+
+    def opponent(self, policy: Any, t: int) -> bool | str:
+        """The opponent of SPIN iteration t as a `reference=` value, freezing the trained adapter the first time
+        t is reached (the round before ended iteration t-1). Older opponents are dropped: one frozen copy at a
+        time. A resumed run finds the opponent in its checkpoint and does not freeze again."""
+        name = opponent_name(t)
+        if name is None:
+            return True
+        if name not in policy.frozen_adapters():
+            policy.freeze_adapter(name)
+            for old in policy.frozen_adapters():
+                if old != name and old.startswith("spin-opponent-"):
+                    policy.drop_adapter(old)
+        self.opponents[str(t)] = name
+        return name
+
+    def _real(self, policy: Any, text: str) -> list[int]:
+        return policy.encode(text)[:self.options.max_new_tokens]
+
+    def _opponent_ids(self, gen: Any) -> list[int]:
+        """The opponent's tokens without its end token (real responses are cut and have none)."""
+        ids = list(gen.completion_ids)
+        return ids if gen.truncated else ids[:-1]
+
+    def play(self, ctx: RoundContext) -> list[Sample]:
+        o, role = self.options, self._roles["player"]
+        t = spin_iteration(ctx.iteration, o.rounds_per_iteration)
+        reference = self.opponent(ctx.policy, t)
+        batch = [self.train_records[(self.cursor + i) % len(self.train_records)] for i in range(o.prompts_per_round)]
+        self.cursor = (self.cursor + o.prompts_per_round) % len(self.train_records)
+        prompts = [self.messages(r) for r in batch]
+        with ctx.phase("generate"):
+            outs = ctx.policy.generate(prompts, n=1, max_new_tokens=o.max_new_tokens, temperature=o.temperature,
+                                       top_p=o.top_p, reference=reference)
+        samples = []
+        meta = {} if reference is True else {"reference": reference}
+        for i, (prompt, record, (gen,)) in enumerate(zip(prompts, batch, outs)):
+            group = f"{ctx.iteration}:{i}"
+            real = self._real(ctx.policy, record["answer"])
+            fake = self._opponent_ids(gen)
+            samples.append(Sample(role="player", prompt=prompt, completion=ctx.policy.decode(real),
+                                  prompt_ids=gen.prompt_ids, completion_ids=real, logprobs=[],
+                                  temperature=1.0, reward=1.0 if real else None, group=group,
+                                  metadata={"pair": "chosen", "spin_iteration": t, **meta}))
+            samples.append(Sample(role="player", prompt=prompt, completion=ctx.policy.decode(fake),
+                                  prompt_ids=gen.prompt_ids, completion_ids=fake, logprobs=gen.logprobs[:len(fake)],
+                                  temperature=role.temperature, reward=0.0 if fake else None, group=group,
+                                  metadata={"pair": "rejected", "spin_iteration": t, **meta}))
+        ctx.metrics["spin/iteration"] = float(t)
+        ctx.notes["opponent"] = "the starting model (base)" if reference is True else str(reference)
+        return samples
+
+    def evaluate(self, ctx: RoundContext) -> dict[str, float]:
+        """On held-out prompts: the share of (real response, current opponent's greedy response) pairs whose
+        implicit reward against the base model prefers the real one, and the mean per-token log-prob of the real
+        responses. At iteration 0 the player is the base model: every margin is 0 and the share is 0.5."""
+        if not self.eval_records:
+            return {}
+        policy = ctx.policy
+        t = spin_iteration(max(ctx.iteration, 1), self.options.rounds_per_iteration)
+        name = opponent_name(t)
+        reference = name if name in policy.frozen_adapters() else True
+        prompts = [self.messages(r) for r in self.eval_records]
+        outs = policy.generate(prompts, n=1, max_new_tokens=self.options.max_new_tokens, greedy=True,
+                               reference=reference)
+        prompt_ids = [g[0].prompt_ids for g in outs]
+        real = [self._real(policy, r["answer"]) for r in self.eval_records]
+        fake = [self._opponent_ids(g[0]) or g[0].completion_ids[:1] for g in outs]
+        step = policy.suggested_micro_batch()  # in training-sized pieces: the eval must not set the peak memory
+        scores: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for key, ids in (("real", real), ("fake", fake)):
+                for suffix, reference in (("", False), ("_base", True)):
+                    scores[key + suffix] = torch.cat([
+                        policy.sequence_logprobs(prompt_ids[i:i + step], ids[i:i + step],
+                                                 reference=reference).sum(1).cpu()
+                        for i in range(0, len(ids), step)])
+        lengths = torch.tensor([max(1, len(r)) for r in real], dtype=torch.float32)
+        return {
+            "pair_accuracy": held_out_preference(scores["real"], scores["fake"], scores["real_base"],
+                                                 scores["fake_base"]),
+            "real_logprob": float((scores["real"] / lengths).mean()),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self.cursor, "opponents": dict(self.opponents)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor = int(state.get("cursor", 0))
+        self.opponents = dict(state.get("opponents", {}))
+
+
+@hookimpl
+def register_games(register: Any) -> None:
+    register("spin", SpinGame)
