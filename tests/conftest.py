@@ -65,3 +65,34 @@ def tiny_config(tiny_model_dir, tmp_path):
     """Overrides that make a run of any game take seconds on the tiny model."""
     return [f"model.path={tiny_model_dir}", f"run.dir={tmp_path / 'run'}", "run.iterations=2",
             "run.loggers=[plain]", "model.lora.r=4"]
+
+
+@pytest.fixture(scope="module")
+def trained_policy(tiny_model_dir):
+    """A tiny backend whose LoRA B is non-zero (policy != reference, and lora_A receives gradients); one per
+    module. Tests that change its weights take `fresh_policy`, which restores them."""
+    import torch
+
+    from tiny import make_backend
+
+    backend = make_backend(tiny_model_dir, perturb=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in backend.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return backend
+
+
+@pytest.fixture()
+def fresh_policy(trained_policy):
+    """`trained_policy`, with its LoRA weights and gradients restored after the test."""
+    import torch
+
+    saved = {n: p.detach().clone() for n, p in trained_policy.model.named_parameters() if p.requires_grad}
+    yield trained_policy
+    with torch.no_grad():
+        for n, p in trained_policy.model.named_parameters():
+            if n in saved:
+                p.copy_(saved[n])
+            p.grad = None

@@ -120,27 +120,9 @@ def test_a_pair_names_its_reference_on_either_member():
 
 # -- real steps on the tiny model -----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    backend = make_backend(tiny_model_dir, perturb=False)
-    torch.manual_seed(1)
-    with torch.no_grad():  # policy != reference, and lora_A receives gradients
-        for name, p in backend.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    return backend
-
-
 @pytest.fixture()
-def fresh(policy):
-    """The policy with its LoRA weights restored after the test."""
-    saved = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
-    yield policy
-    with torch.no_grad():
-        for n, p in policy.model.named_parameters():
-            if n in saved:
-                p.copy_(saved[n])
-            p.grad = None
+def fresh(fresh_policy):
+    return fresh_policy
 
 
 ROLES = {"a": Role("a"), "b": Role("b"), "frozen": Role("frozen", trained=False)}

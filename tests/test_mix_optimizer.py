@@ -13,11 +13,16 @@ from arena.interfaces import Env
 from arena.plugins.grpo import GRPO, GRPOOptions
 from arena.registry import load_registry
 from arena.types import Role
-from test_grpo import ROLES, SPECS, assert_same_grads, fresh, make_samples, policy  # noqa: F401 - fixtures
+from test_grpo import ROLES, SPECS, assert_same_grads, make_samples
 
 MIX = {"name": "mix", "lr": 1e-2, "max_grad_norm": 0.0,
        "parts": [{"name": "grpo", "trains": ["a"], "beta": 0.05},
                  {"name": "grpo", "trains": ["b"], "beta": 0.3, "weight": 0.5}]}
+
+
+@pytest.fixture()
+def fresh(fresh_policy):
+    return fresh_policy
 
 
 @pytest.fixture(scope="module")
