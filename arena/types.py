@@ -9,6 +9,11 @@ from typing import Any
 Messages = list[dict[str, str]]  # chat messages: [{"role": "user", "content": "..."}]
 
 
+def chat(user: str, system: str | None = None) -> Messages:
+    """A one-turn chat: the user's message, after a system message when one is given."""
+    return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": user}]
+
+
 @dataclass
 class Role:
     """A part a model plays in a game: its sampling settings and whether its samples are trained on."""

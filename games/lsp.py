@@ -30,7 +30,7 @@ from arena.errors import ArenaError, ArenaWarning, ConfigError
 from arena.games.prompts import TEMPERATURE_HINT
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, Judge, RoundContext
-from arena.types import JudgeItem, Messages, Role, Sample, Verdict, score_summary
+from arena.types import JudgeItem, Messages, Role, Sample, Verdict, chat, score_summary
 
 TASK = ("Answer a user's request helpfully, correctly and clearly: questions of fact, reasoning, math, coding, "
         "writing and advice.")
@@ -210,8 +210,7 @@ class LSPGame(Game):
         return [{"role": "user", "content": self.options.challenger_template.format(task=self.options.task)}]
 
     def solver_prompt(self, query: str) -> Messages:
-        system = [{"role": "system", "content": self.options.system_prompt}] if self.options.system_prompt else []
-        return [*system, {"role": "user", "content": query}]
+        return chat(query, self.options.system_prompt)
 
     def play(self, ctx: RoundContext) -> list[Sample]:
         o, challenger, solver = self.options, self._roles["challenger"], self._roles["solver"]

@@ -17,7 +17,7 @@ from arena.games.data import held_out_split, load_records, short_records
 from arena.errors import ArenaWarning, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
-from arena.types import JudgeItem, Messages, Role, Sample, score_summary
+from arena.types import JudgeItem, Messages, Role, Sample, chat, score_summary
 
 
 TEMPERATURE_HINT = ("the sampling temperature of trained answers; greedy decoding gives every answer of a group "
@@ -69,8 +69,7 @@ class PromptsGame(Game):
         return self._roles
 
     def messages(self, record: dict[str, Any]) -> Messages:
-        system = [{"role": "system", "content": self.options.system_prompt}] if self.options.system_prompt else []
-        return [*system, {"role": "user", "content": record["prompt"]}]
+        return chat(record["prompt"], self.options.system_prompt)
 
     def play(self, ctx: RoundContext) -> list[Sample]:
         o, role = self.options, self._roles["assistant"]

@@ -26,7 +26,7 @@ from arena.errors import ConfigError
 from arena.games.data import held_out_split, load_records, short_records
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
-from arena.types import Messages, Role, Sample
+from arena.types import Messages, Role, Sample, chat
 
 
 @dataclass
@@ -92,8 +92,7 @@ class SpinGame(Game):
         return self._roles
 
     def messages(self, record: dict[str, Any]) -> Messages:
-        system = [{"role": "system", "content": self.options.system_prompt}] if self.options.system_prompt else []
-        return [*system, {"role": "user", "content": record["prompt"]}]
+        return chat(record["prompt"], self.options.system_prompt)
 
     def opponent(self, policy: Any, t: int) -> bool | str:
         """The opponent of SPIN iteration t as a `reference=` value, freezing the trained adapter the first time

@@ -15,7 +15,7 @@ from arena.interfaces import Env
 from arena.plugins.dpo import DPO, DPOOptions, RoleWeight, pairs_of, pairwise_loss
 from arena.registry import load_registry
 from arena.types import Role, Sample
-from tiny import make_backend
+from tiny import applied_gradient, make_backend
 
 BETA = 0.1
 # summed log-probs (policy chosen, policy rejected, ref chosen, ref rejected) giving h = 2, -2, 0 and 20
@@ -149,21 +149,8 @@ def optimizer(policy, **kw) -> DPO:
 
 def step_grads(policy, samples, game_roles=ROLES, **kw):
     """Run one DPO step and return the gradient it applied (captured just before AdamW's step) and its metrics."""
-    opt = optimizer(policy, **kw)
-    captured = {}
-    original = opt.torch_optimizer.step
-
-    def spy(*args, **kwargs):
-        captured["grads"] = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in opt.params]
-        return original(*args, **kwargs)
-
-    opt.torch_optimizer.step = spy
-    snapshot = [p.detach().clone() for p in opt.params]
-    metrics = opt.step([replace(s, metadata=dict(s.metadata)) for s in samples], game_roles)
-    with torch.no_grad():  # undo the update: every call starts from the same weights
-        for p, saved in zip(opt.params, snapshot):
-            p.copy_(saved)
-    return captured.get("grads"), metrics
+    copies = [replace(s, metadata=dict(s.metadata)) for s in samples]
+    return applied_gradient(optimizer(policy, **kw), copies, game_roles)
 
 
 def summed(policy, s: Sample, reference=False) -> torch.Tensor:

@@ -14,6 +14,7 @@ from arena.interfaces import Env
 from arena.plugins.grpo import GRPO, GRPOOptions, RoleObjective, group_advantages, grpo_token_loss
 from arena.registry import load_registry
 from arena.types import Role, Sample
+from tiny import applied_gradient
 
 
 def S(reward, group="g", role="a", advantage=None) -> Sample:
@@ -138,21 +139,7 @@ def optimizer(policy, **kw) -> GRPO:
 
 def step_grads(policy, samples, game_roles=ROLES, **kw):
     """Run one GRPO step and return the gradient it applied (captured just before AdamW's step)."""
-    opt = optimizer(policy, **kw)
-    captured = {}
-    original = opt.torch_optimizer.step
-
-    def spy(*args, **kwargs):
-        captured["grads"] = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in opt.params]
-        return original(*args, **kwargs)
-
-    opt.torch_optimizer.step = spy
-    snapshot = [p.detach().clone() for p in opt.params]
-    metrics = opt.step([replace(s) for s in samples], game_roles)
-    with torch.no_grad():  # undo the update: every call starts from the same weights
-        for p, saved in zip(opt.params, snapshot):
-            p.copy_(saved)
-    return captured.get("grads"), metrics
+    return applied_gradient(optimizer(policy, **kw), [replace(s) for s in samples], game_roles)
 
 
 def objective_grads(policy, samples, game_roles=ROLES, **kw):

@@ -16,6 +16,25 @@ def make_env(model_dir, **lora) -> Env:
     return Env(config=resolve(registry, "prompts", overrides=overrides).config, registry=registry)
 
 
+def applied_gradient(opt, samples, roles):
+    """Run `opt.step` and return (the gradient it applied, captured just before AdamW's step, and its metrics),
+    then undo the update so that every call starts from the same weights."""
+    captured = {}
+    original = opt.torch_optimizer.step
+
+    def spy(*args, **kwargs):
+        captured["grads"] = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in opt.params]
+        return original(*args, **kwargs)
+
+    opt.torch_optimizer.step = spy
+    snapshot = [p.detach().clone() for p in opt.params]
+    metrics = opt.step(samples, roles)
+    with torch.no_grad():
+        for p, saved in zip(opt.params, snapshot):
+            p.copy_(saved)
+    return captured.get("grads"), metrics
+
+
 def make_backend(model_dir, perturb: bool = True, seed: int = 3, **options):
     from arena.plugins.hf import HFBackend, HFOptions
 
