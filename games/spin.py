@@ -147,8 +147,11 @@ class SpinGame(Game):
 
     def evaluate(self, ctx: RoundContext) -> dict[str, float]:
         """On held-out prompts: the share of (real response, current opponent's greedy response) pairs whose
-        implicit reward against the base model prefers the real one, and the mean per-token log-prob of the real
-        responses. At iteration 0 the player is the base model: every margin is 0 and the share is 0.5."""
+        implicit reward against the current opponent, log π - log π_t (what SPIN trains), prefers the real one,
+        and the mean per-token log-prob of the real responses. Where the player still equals its opponent (iteration
+        0; the first round of an iteration) every margin is 0 and the share is 0.5. Against the base model instead,
+        the opponent's own greedy answers would look preferred merely for being modes of a policy close to the
+        player's."""
         if not self.eval_records:
             return {}
         policy = ctx.policy
@@ -165,15 +168,15 @@ class SpinGame(Game):
         scores: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for key, ids in (("real", real), ("fake", fake)):
-                for suffix, reference in (("", False), ("_base", True)):
+                for suffix, against in (("", False), ("_ref", reference)):
                     scores[key + suffix] = torch.cat([
                         policy.sequence_logprobs(prompt_ids[i:i + step], ids[i:i + step],
-                                                 reference=reference).sum(1).cpu()
+                                                 reference=against).sum(1).cpu()
                         for i in range(0, len(ids), step)])
         lengths = torch.tensor([max(1, len(r)) for r in real], dtype=torch.float32)
         return {
-            "pair_accuracy": held_out_preference(scores["real"], scores["fake"], scores["real_base"],
-                                                 scores["fake_base"]),
+            "pair_accuracy": held_out_preference(scores["real"], scores["fake"], scores["real_ref"],
+                                                 scores["fake_ref"]),
             "real_logprob": float((scores["real"] / lengths).mean()),
         }
 
