@@ -37,7 +37,7 @@ class SpinOptions:
     max_new_tokens: int = option(48, ge=1)  # the opponent's response length; real responses are cut to it too
     temperature: float = option(1.0, gt=0.0)  # the opponent's sampling temperature
     top_p: float = option(1.0, gt=0.0, le=1.0)
-    eval_size: int = option(16, ge=0)  # held-out pairs, never trained on
+    eval_size: int = option(64, ge=0)  # held-out pairs, never trained on (16 were too few to read a change)
     max_prompt_chars: int = option(400, ge=1)
     system_prompt: Optional[str] = None
 
