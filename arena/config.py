@@ -96,7 +96,9 @@ def model_path_problem(path: str) -> str | None:
     a hub name (`org/name`, loaded only from the local cache) are fine."""
     p = Path(path).expanduser()
     if p.is_dir():
-        return None if (p / "config.json").is_file() else "folder has no config.json; expected a transformers model folder"
+        if (p / "config.json").is_file():
+            return None
+        return "folder has no config.json; expected a transformers model folder"
     if p.is_file():
         return None if p.suffix == ".gguf" else "expected a model folder or a .gguf file"
     if path.count("/") <= 1 and not path.startswith((".", "/", "~")):

@@ -63,7 +63,8 @@ def register_commands(register: Callable[..., None]) -> None:
 @hookspec
 def arena_run_start(run: Any) -> None:
     """A run is about to play its first (or, on resume, its next) iteration, after every component is built and a
-    resumed run's checkpoint restored; a new run's held-out evaluation at iteration 0 comes next, when enabled. `run` is arena.loop.Run: `config` (resolved), `dir`, `iteration`,
+    resumed run's checkpoint restored; a new run's held-out evaluation at iteration 0 comes next, when enabled.
+    `run` is arena.loop.Run: `config` (resolved), `dir`, `iteration`,
     `iterations`, `start_iteration`, `game`, `policy`, and `metrics`/`notes` of the last iteration."""
 
 

@@ -10,7 +10,7 @@ the trained one (`policy.freeze_adapter`), never a second model; the starting op
 adapter starts at zero). Each round hands the optimizer pairs: two samples of one group, `metadata["pair"]`
 chosen (the real response) and rejected (the opponent's), with the opponent named in `metadata["reference"]`.
 Both responses are cut to `max_new_tokens` and compared without an end token, so the player cannot learn to
-tell them apart by length or by whether they stop.
+tell them apart by whether they stop.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ class SpinGame(Game):
         time. A resumed run finds the opponent in its checkpoint and does not freeze again."""
         name = opponent_name(t)
         if name is None:
+            self.opponents[str(t)] = "base"
             return True
         if name not in policy.frozen_adapters():
             policy.freeze_adapter(name)
@@ -148,8 +149,8 @@ class SpinGame(Game):
     def evaluate(self, ctx: RoundContext) -> dict[str, float]:
         """On held-out prompts: the share of (real response, current opponent's greedy response) pairs whose
         implicit reward against the current opponent, log π - log π_t (what SPIN trains), prefers the real one,
-        and the mean per-token log-prob of the real responses. Where the player still equals its opponent (iteration
-        0; the first round of an iteration) every margin is 0 and the share is 0.5. Against the base model instead,
+        and the mean per-token log-prob of the real responses. Before training the player equals its opponent:
+        every margin is 0 and the share is 0.5. Against the base model instead,
         the opponent's own greedy answers would look preferred merely for being modes of a policy close to the
         player's."""
         if not self.eval_records:

@@ -144,9 +144,14 @@ class DPO(AdamWOptimizer):
     def _reference(self, pair: Pair) -> bool | str:
         """What `sequence_logprobs(reference=...)` gets: True for the base model, else a frozen adapter's name."""
         ref = self.options.reference
-        if ref is None:
-            return pair.reference or True
-        return True if ref == "base" else ref
+        named = pair.reference if ref is None else (None if ref == "base" else ref)
+        if named is None:
+            return True
+        if named not in self.policy.frozen_adapters():
+            where = "optimizer.reference" if ref is not None else f"a pair of group {pair.group!r} (metadata.reference)"
+            raise ArenaError(f"{where}: no frozen adapter {named!r}; frozen adapters: "
+                             f"{', '.join(self.policy.frozen_adapters()) or 'none'}")
+        return named
 
     def _logprobs(self, pairs: list[Pair], reference: bool | str = False) -> torch.Tensor:
         seqs = [s for p in pairs for s in (p.chosen, p.rejected)]

@@ -16,6 +16,7 @@ part trains are errors when the config resolves (for games that declare `role_na
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,8 +77,8 @@ class MixOptimizer(AdamWOptimizer):
             if not isinstance(roles, list) or not roles or not all(isinstance(r, str) for r in roles):
                 raise ConfigError(f"{key}.trains", f"expected a list of the role names this part trains, got "
                                                    f"{roles!r}")
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
-                raise ConfigError(f"{key}.weight", f"expected a number >= 0, got {weight!r}")
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf:
+                raise ConfigError(f"{key}.weight", f"expected a finite number >= 0, got {weight!r}")
             entry = registry.get("optimizer", spec.get("name"), key)
             if not hasattr(entry.obj, "accumulate"):
                 raise ConfigError(f"{key}.name", f"optimizer {entry.name!r} cannot be mixed: it has no "

@@ -350,6 +350,7 @@ def spy_references(monkeypatch, policy):
         return original(self, prompt_ids, completion_ids, temperature=temperature, reference=reference)
 
     monkeypatch.setattr(type(policy), "sequence_logprobs", spy)
+    monkeypatch.setattr(type(policy), "frozen_adapters", lambda self: ["mirror", "opponent"])
     return seen
 
 
@@ -429,3 +430,17 @@ def test_a_restored_state_keeps_the_options_settings(fresh):
     assert all(g["lr"] == 3e-4 and g["weight_decay"] == 0.0 and g["betas"] == (0.8, 0.99)
                for g in other.torch_optimizer.param_groups)
     assert other.torch_optimizer.state  # the moments were restored
+
+
+def test_a_reference_that_is_not_a_frozen_adapter_is_one_line(fresh):
+    """optimizer.reference naming an adapter not frozen yet (or a pair naming one) is the user's error, said in
+    one line that names where it came from, not a KeyError from inside the backend."""
+    from arena.errors import ArenaError
+
+    samples = make_pairs(fresh)
+    with pytest.raises(ArenaError, match=r"^optimizer.reference: no frozen adapter 'later'; frozen adapters: "):
+        optimizer(fresh, reference="later").step(samples, ROLES)
+    for s in samples:
+        s.metadata["reference"] = "gone"
+    with pytest.raises(ArenaError, match=r"pair of group .* \(metadata.reference\): no frozen adapter 'gone'"):
+        optimizer(fresh).step(samples, ROLES)

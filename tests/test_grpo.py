@@ -144,7 +144,8 @@ def step_grads(policy, samples, game_roles=ROLES, **kw):
 
 def objective_grads(policy, samples, game_roles=ROLES, **kw):
     """The documented objective written out directly, one sample at a time: per role, sum over its samples of the
-    clipped-ratio loss (the ratio against the policy's own detached log-probs, not the sampler's) with a k3 KL (the role's β) at the sample's temperature; `token` divides by all of the
+    clipped-ratio loss (the ratio against the policy's own detached log-probs, not the sampler's) with a k3 KL
+    (the role's β) at the sample's temperature; `token` divides by all of the
     role's tokens, `sequence` averages per sequence then over sequences; roles are summed with their weights.
     Untrained roles and invalid rewards are left out."""
     o = GRPOOptions(**{"lr": 1e-2, "max_grad_norm": 0.0, **kw})

@@ -105,6 +105,8 @@ def test_a_failed_part_leaves_the_weights_and_marks_nothing(fresh, registry):
      "more than 0"),
     ("[{name: grpo, trains: solver}]", "optimizer.parts.0.trains", "a list"),
     ("[{name: grpo, trains: [solver], weight: -1}]", "optimizer.parts.0.weight", ">= 0"),
+    ("[{name: grpo, trains: [solver], weight: .nan}]", "optimizer.parts.0.weight", ">= 0"),
+    ("[{name: grpo, trains: [solver], weight: .inf}]", "optimizer.parts.0.weight", ">= 0"),
     ("[{name: grpo, trains: [solver], beta_: 1}]", "optimizer.parts.0.beta_", "unknown key"),
     ("[{name: grpo, trains: [solver], roles: {judge: {weight: 2}}}, {name: grpo, trains: [challenger]}]",
      "optimizer.parts.0.roles.judge", "no such role"),

@@ -71,7 +71,7 @@ def test_pairs_opponents_and_a_resume_that_replays_exactly(tiny_config, pairs_fi
     assert metrics[0]["eval/pair_accuracy"] == 0.5  # the player is the base model: every margin is 0
     assert {"margin", "accuracy", "logps/chosen", "logps/rejected", "eval/real_logprob"} <= set(metrics[2])
     state = json.loads((run / "checkpoints" / "000005" / "game_state.json").read_text())
-    assert state["opponents"] == {"1": "spin-opponent-1", "2": "spin-opponent-2"}
+    assert state["opponents"] == {"0": "base", "1": "spin-opponent-1", "2": "spin-opponent-2"}
     frozen = run / "checkpoints" / "000005" / "adapter" / "frozen"
     assert sorted(p.name for p in frozen.iterdir()) == ["spin-opponent-2.safetensors"]  # one copy at a time
     # the opponent of SPIN iteration 2 is the adapter as it was when iteration 1 ended (after round 4)
