@@ -15,7 +15,7 @@ from arena.interfaces import Env
 from arena.plugins.dpo import DPO, DPOOptions, RoleWeight, pairs_of, pairwise_loss
 from arena.registry import load_registry
 from arena.types import Role, Sample
-from tiny import applied_gradient, make_backend
+from tiny import applied_gradient, assert_same_grads, gradients, make_backend
 
 BETA = 0.1
 # summed log-probs (policy chosen, policy rejected, ref chosen, ref rejected) giving h = 2, -2, 0 and 20
@@ -184,19 +184,10 @@ def objective_grads(policy, samples, game_roles=ROLES, beta=BETA, loss="sigmoid"
                     "hinge": torch.clamp(1 - beta * h, min=0)}[loss]
             total = total + weight * term / len(pairs)
     total.backward()
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+    grads = gradients(params)
     for p in params:
         p.grad = None
     return grads
-
-
-def assert_same_grads(got, want, tol=1e-4):
-    """Equal up to float32 reduction order: the difference is tiny relative to the whole gradient."""
-    g, w = torch.cat([x.flatten() for x in got]), torch.cat([x.flatten() for x in want])
-    norm = float(w.norm())
-    assert norm > 1e-6  # not a vacuous comparison
-    error = float((g - w).norm()) / norm
-    assert error < tol, f"gradients differ: |got - want| / |want| = {error:.2e}"
 
 
 def weights(policy):

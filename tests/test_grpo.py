@@ -14,7 +14,7 @@ from arena.interfaces import Env
 from arena.plugins.grpo import GRPO, GRPOOptions, RoleObjective, group_advantages, grpo_token_loss
 from arena.registry import load_registry
 from arena.types import Role, Sample
-from tiny import applied_gradient
+from tiny import applied_gradient, assert_same_grads, gradients
 
 
 def S(reward, group="g", role="a", advantage=None) -> Sample:
@@ -171,20 +171,10 @@ def objective_grads(policy, samples, game_roles=ROLES, **kw):
             term = loss.sum() / tokens if o.aggregation == "token" else loss.mean() / len(mine)
             total = total + obj.weight * term
     total.backward()
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+    grads = gradients(params)
     for p in params:
         p.grad = None
     return grads
-
-
-def assert_same_grads(got, want, tol=1e-4):
-    """Equal up to float32 reduction order: the difference is tiny relative to the whole gradient."""
-    assert len(got) == len(want)
-    g, w = torch.cat([x.flatten() for x in got]), torch.cat([x.flatten() for x in want])
-    norm = float(w.norm())
-    assert norm > 1e-6  # not a vacuous comparison
-    error = float((g - w).norm()) / norm
-    assert error < tol, f"gradients differ: |got - want| / |want| = {error:.2e}"
 
 
 def grads_differ(x, y) -> bool:

@@ -13,7 +13,8 @@ from arena.interfaces import Env
 from arena.plugins.grpo import GRPO, GRPOOptions
 from arena.registry import load_registry
 from arena.types import Role
-from test_grpo import ROLES, SPECS, assert_same_grads, make_samples
+from test_grpo import ROLES, SPECS, make_samples
+from tiny import assert_same_grads, gradients
 
 MIX = {"name": "mix", "lr": 1e-2, "max_grad_norm": 0.0,
        "parts": [{"name": "grpo", "trains": ["a"], "beta": 0.05},
@@ -30,10 +31,6 @@ def registry():
     return load_registry()
 
 
-def grads(params):
-    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
-
-
 def test_the_mixed_gradient_is_the_weighted_sum_of_the_parts(fresh, registry):
     env = Env(config=None, registry=registry, policy=fresh)
     mix = registry.build("optimizer", MIX, env)
@@ -42,7 +39,7 @@ def test_the_mixed_gradient_is_the_weighted_sum_of_the_parts(fresh, registry):
     original = mix.torch_optimizer.step
 
     def spy(*args, **kwargs):
-        captured["grads"] = grads(params)
+        captured["grads"] = gradients(params)
         return original(*args, **kwargs)
 
     mix.torch_optimizer.step = spy
@@ -59,7 +56,7 @@ def test_the_mixed_gradient_is_the_weighted_sum_of_the_parts(fresh, registry):
             p.grad = None
         part = GRPO(GRPOOptions(beta=beta), env)
         part.accumulate([s for s in make_samples(fresh, SPECS) if s.role in roles], ROLES)
-        separately.append(grads(params))
+        separately.append(gradients(params))
     for p in params:
         p.grad = None
     want = [a + 0.5 * b for a, b in zip(*separately)]
@@ -147,7 +144,7 @@ def test_grpo_for_one_role_and_dpo_for_another(fresh, registry):
     params = fresh.trainable_parameters()
     captured = {}
     original = mix.torch_optimizer.step
-    mix.torch_optimizer.step = lambda *a, **k: (captured.setdefault("grads", grads(params)), original(*a, **k))
+    mix.torch_optimizer.step = lambda *a, **k: (captured.setdefault("grads", gradients(params)), original(*a, **k))
     before = [p.detach().clone() for p in params]
     metrics = mix.step([replace(s) for s in rewards + pairs], ROLES)
     with torch.no_grad():
@@ -157,7 +154,7 @@ def test_grpo_for_one_role_and_dpo_for_another(fresh, registry):
         p.grad = None
     GRPO(GRPOOptions(), env).accumulate([replace(s) for s in rewards], ROLES)
     DPO(DPOOptions(), env).accumulate([replace(s) for s in pairs], ROLES, scale=0.7)
-    assert_same_grads(captured["grads"], grads(params))
+    assert_same_grads(captured["grads"], gradients(params))
     for p in params:
         p.grad = None
     assert {"grpo/loss", "dpo/loss", "dpo/margin", "dpo/accuracy"} <= set(metrics)

@@ -16,6 +16,21 @@ def make_env(model_dir, **lora) -> Env:
     return Env(config=resolve(registry, "prompts", overrides=overrides).config, registry=registry)
 
 
+def gradients(params):
+    """A copy of each parameter's gradient (zeros where it has none)."""
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def assert_same_grads(got, want, tol=1e-4):
+    """Equal up to float32 reduction order: the difference is tiny relative to the whole gradient."""
+    assert len(got) == len(want)
+    g, w = torch.cat([x.flatten() for x in got]), torch.cat([x.flatten() for x in want])
+    norm = float(w.norm())
+    assert norm > 1e-6  # not a vacuous comparison
+    error = float((g - w).norm()) / norm
+    assert error < tol, f"gradients differ: |got - want| / |want| = {error:.2e}"
+
+
 def applied_gradient(opt, samples, roles):
     """Run `opt.step` and return (the gradient it applied, captured just before AdamW's step, and its metrics),
     then undo the update so that every call starts from the same weights."""
@@ -23,7 +38,7 @@ def applied_gradient(opt, samples, roles):
     original = opt.torch_optimizer.step
 
     def spy(*args, **kwargs):
-        captured["grads"] = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in opt.params]
+        captured["grads"] = gradients(opt.params)
         return original(*args, **kwargs)
 
     opt.torch_optimizer.step = spy
