@@ -5,12 +5,13 @@ Importing it stays light (no torch), so `arena list` and a plugin's module impor
 """
 
 from arena.hookspecs import hookimpl, hookspec
-from arena.interfaces import Backend, Env, Game, Judge, Logger, Optimizer, Policy, RoundContext
-from arena.types import Generation, JudgeItem, Role, Sample, Verdict, chat
+from arena.interfaces import Backend, Env, Executor, Game, Judge, Logger, Optimizer, Policy, RoundContext
+from arena.types import Execution, Generation, Job, JudgeItem, Role, Sample, Verdict, chat
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "Env", "Game", "Generation", "Judge", "JudgeItem", "Logger", "Optimizer", "Policy", "Role",
-    "RoundContext", "Sample", "Verdict", "__version__", "chat", "hookimpl", "hookspec",
+    "Backend", "Env", "Execution", "Executor", "Game", "Generation", "Job", "Judge", "JudgeItem", "Logger",
+    "Optimizer", "Policy", "Role", "RoundContext", "Sample", "Verdict", "__version__", "chat", "hookimpl",
+    "hookspec",
 ]

@@ -52,6 +52,12 @@ def register_loggers(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def register_executors(register: Callable[..., None]) -> None:
+    """Register code executors: `register("name", ExecutorClass)`, a subclass of arena.Executor with an `Options`
+    dataclass. Games and judges that check answers by running code build one from their own config section."""
+
+
+@hookspec
 def register_commands(register: Callable[..., None]) -> None:
     """Register CLI sub-commands: `register("name", run, help="...", configure=None)`. `configure(parser)` adds
     argparse arguments; `run(args)` executes `arena name ...` and returns an exit status (None means 0). The

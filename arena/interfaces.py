@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from arena.types import Generation, JudgeItem, Messages, Role, Sample, Verdict
+from arena.types import Execution, Generation, Job, JudgeItem, Messages, Role, Sample, Verdict
 
 if TYPE_CHECKING:
     import torch
@@ -136,6 +136,29 @@ class Judge(ABC):
     @abstractmethod
     def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         """One Verdict per item, in order."""
+
+
+class Executor(ABC):
+    """Runs untrusted Python (a model's programs) where it cannot harm the run or the machine, and reports the
+    values its calls returned. Built by a game or judge from its own config section (`game.executor`); closed
+    by its owner, or at exit."""
+
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any, env: Env):
+        self.options = options
+        self.env = env
+
+    @abstractmethod
+    def run(self, jobs: Sequence[Job]) -> list[Execution]:
+        """One Execution per job, in order; jobs may run in parallel. Never raises for what a program does."""
+
+    def protections(self) -> dict[str, str]:
+        """What confines a job, by aspect (network, filesystem, ...), in words: reported once per run."""
+        return {}
+
+    def close(self) -> None:
+        """Stop any worker processes."""
 
 
 class Optimizer(ABC):

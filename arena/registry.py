@@ -27,7 +27,7 @@ from arena import hookspecs
 from arena.errors import ArenaError, ArenaWarning, ConfigError
 
 DISTRIBUTION = "arena-selfplay"
-KINDS = ("game", "judge", "optimizer", "backend", "logger")
+KINDS = ("game", "judge", "optimizer", "backend", "logger", "executor")
 
 
 @dataclass

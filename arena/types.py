@@ -90,6 +90,37 @@ class JudgeItem:
 
 
 @dataclass
+class Job:
+    """A program to run in an executor and the calls to make: `entry(*args)` for each of `inputs`, each the text of
+    an argument list made of Python literals only (`3, [1, 2]`), so an input can never run code of its own."""
+
+    program: str
+    inputs: list[str]
+    entry: str = "f"
+
+
+@dataclass
+class Execution:
+    """What running a Job gave. `outputs[i]` is the canonical text of call i's return value (equal values, equal
+    texts), None where the call raised (`errors[i]` says why). `status`: "ok" (the program loaded and every
+    call was made), "error" (it failed to load: `detail`), "timeout" or "crashed" (killed, or no readable
+    report), "lost" (the executor itself failed: nothing is known about the program). Values, never verdicts:
+    the caller compares them with what it expects."""
+
+    status: str
+    outputs: list[str | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    detail: str | None = None
+    stdout: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """The program loaded and every call returned a value."""
+        return self.status == "ok" and all(o is not None for o in self.outputs)
+
+
+@dataclass
 class Verdict:
     """A judge's score with its details. `valid=False` means the judge could not produce a score (for example it
     could not parse its own output): the score is then meaningless and must not be trained on."""

@@ -26,6 +26,7 @@ from arena.interfaces import Logger
 from arena.plugins.grpo import GRPO
 from arena.plugins.hf import HFBackend
 from arena.plugins.judges import ExactMatch
+from arena.plugins.sandbox import SandboxExecutor
 
 
 def _rec(event, **data):
@@ -112,6 +113,12 @@ class RecLogger(Logger):
         _rec("logger_metrics", step=step)
 
 
+class RecExecutor(SandboxExecutor):
+    def run(self, jobs):
+        _rec("executor_run", n=len(jobs))
+        return super().run(jobs)
+
+
 def _hello(args):
     _rec("command", who=args.who)
     print(f"hello {args.who}")
@@ -139,6 +146,11 @@ def register_backends(register):
 
 
 @hookimpl
+def register_executors(register):
+    register("rec_executor", RecExecutor)
+
+
+@hookimpl
 def register_loggers(register):
     register("rec_logger", RecLogger)
 
@@ -149,7 +161,8 @@ def register_commands(register):
 '''
 
 REGISTRATION = {"register_games": "game", "register_judges": "judge", "register_optimizers": "optimizer",
-                "register_backends": "backend", "register_loggers": "logger", "register_commands": "command"}
+                "register_backends": "backend", "register_loggers": "logger", "register_executors": "executor",
+                "register_commands": "command"}
 
 
 def hook_specs() -> dict[str, object]:

@@ -1,0 +1,551 @@
+"""The sandbox's worker: a standalone script (standard library only) that runs untrusted Python programs.
+
+arena starts it as `python -S -s -B -P sandbox_worker.py LIMITS_JSON` with an empty environment. It confines
+itself once (namespaces), forks a server that stays up, and the server forks one short-lived child per job:
+
+  launcher ── unshare(user?, net, pid) ──> server (pid 1 of a new pid namespace) ──fork──> job child
+
+The job child gets, before any untrusted line runs: its own session and process group, a kill-on-parent-death
+signal, /dev/null as stdin and a size-limited file in the scratch folder as stdout and stderr, every other file
+descriptor closed but its result pipe, rlimits (CPU seconds, address space, file size, open files, processes,
+no core files), the uid `nobody` when the worker runs as root, and a Landlock domain: read-only access to the
+Python standard library and the shared libraries, read-write access to the scratch folder only, no TCP, no
+signals or abstract sockets outside its own domain. It then runs the program and writes a JSON report of plain
+text values to the result pipe. The server enforces the wall-clock limit, kills every process the job left
+(pid 1 of a namespace can kill all of it), and answers arena with the report.
+
+Requests and answers on stdin/stdout: a 4-byte big-endian length, then that many bytes of JSON.
+
+Nothing here decides whether a program is right: the child reports the values its calls returned, as canonical
+text (`canonical`), and arena compares them in its own process. A program can make its calls report whatever it
+likes, which is the same as returning it; it never sees the expected answers.
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import errno
+import json
+import math
+import os
+import select
+import signal
+import struct
+import sys
+import sysconfig
+import time
+
+MAX_DEPTH = 20
+HUGE_INT = 10**4000  # past this an int is written as inf: its decimal text would be too long to compare
+
+
+class Unsupported(TypeError):
+    """A value with no canonical text (an object of a class the program defined, a function, ...)."""
+
+
+def canonical(value: object, depth: int = 0) -> str:
+    """Text that two values share exactly when they are equal as plain data: dicts and sets sorted, an integral
+    float written as the int it equals (1.0 == 1 in Python). Only exact built-in types: a subclass or an object
+    with its own __eq__ or __repr__ is refused, so a value cannot lie about itself."""
+    if depth > MAX_DEPTH:
+        raise Unsupported("nested too deeply")
+    kind = type(value)
+    if value is None or kind is bool or kind is str or kind is bytes:
+        return repr(value)
+    if kind is int:
+        return str(value) if -HUGE_INT < value < HUGE_INT else repr(float("inf") if value > 0 else float("-inf"))
+    if kind is float:
+        if math.isfinite(value) and value == int(value) and abs(value) < 2**63:
+            return str(int(value))
+        return repr(value)
+    if kind is complex:
+        return repr(value)
+    if kind is list or kind is tuple:
+        items = ", ".join(canonical(v, depth + 1) for v in value)
+        return f"[{items}]" if kind is list else f"({items},)" if len(value) == 1 else f"({items})"
+    if kind is set or kind is frozenset:
+        return "{%s}" % ", ".join(sorted(canonical(v, depth + 1) for v in value)) if value else "set()"
+    if kind is dict:
+        pairs = sorted((canonical(k, depth + 1), canonical(v, depth + 1)) for k, v in value.items())
+        return "{%s}" % ", ".join(f"{k}: {v}" for k, v in pairs)
+    raise Unsupported(f"a value of type {kind.__name__} has no plain-data form")
+
+
+def parse_arguments(text: str) -> tuple:
+    """The arguments a call is made with, from literal text such as `3, [1, 2]` (no names, no calls: only
+    Python literals, so an input cannot run code)."""
+    return ast.literal_eval(f"({text},)") if text.strip() else ()
+
+
+# -- Linux confinement through libc ---------------------------------------------------------------------------
+
+CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWNS = 0x10000000, 0x40000000, 0x20000000, 0x00020000
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1, 2, 4, 8
+FS_TRUNCATE, FS_IOCTL_DEV = 1 << 14, 1 << 15
+FS_RIGHTS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1, 5: (1 << 16) - 1}
+FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV
+NET_BIND_TCP, NET_CONNECT_TCP = 1, 2
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2
+NOBODY = 65534
+
+_libc = None
+
+
+def libc():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def unshare_namespaces() -> dict[str, str]:
+    """Cut the network and hide other processes: new network and pid namespaces (and a user namespace first when
+    not root, which is what lets an unprivileged user create them). Returns what it achieved, for the report."""
+    if not sys.platform.startswith("linux"):
+        return {"network": "not cut: no network namespaces on this platform",
+                "processes": "no pid namespace on this platform"}
+    uid, gid = os.getuid(), os.getgid()
+    base = 0 if uid == 0 else CLONE_NEWUSER
+    for flags in (base | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS, base | CLONE_NEWNET | CLONE_NEWPID,
+                  base | CLONE_NEWNET):
+        if libc().unshare(flags) == 0:
+            break
+    else:
+        err = ctypes.get_errno()
+        return {"network": f"not cut: unshare failed ({os.strerror(err)})",
+                "processes": f"no pid namespace: unshare failed ({os.strerror(err)})"}
+    if base:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    return {"network": "cut: a network namespace with no interfaces up",
+            "processes": ("a pid namespace (the job sees no process outside it)" if flags & CLONE_NEWPID else
+                          "no pid namespace: unshare refused it"),
+            "mounts": "private" if flags & CLONE_NEWNS else "shared with the host"}
+
+
+def mount_scratch(scratch: str, size_mb: int, private_mounts: bool) -> str:
+    """Put a tmpfs of `size_mb` on the scratch folder, so that a job cannot fill the disk with many small files:
+    possible in a private mount namespace only. Returns the report line."""
+    if not private_mounts:
+        return f"a folder on disk ({scratch}); each file limited, not their total"
+    data = f"size={size_mb}m,nr_inodes=4096,mode=0777".encode()
+    if (libc().mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0
+            or libc().mount(b"tmpfs", scratch.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, data) != 0):
+        return f"a folder on disk: mounting a tmpfs failed ({os.strerror(ctypes.get_errno())})"
+    return f"a private {size_mb} MiB tmpfs, emptied before each job"
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+# What Landlock leaves open, refused with EPERM by a seccomp filter: extended attributes and file times (Landlock
+# does not guard metadata, so a job could mark a world-writable file elsewhere), Unix-domain sockets (a socket
+# file outside the scratch folder, such as a desktop or system bus, is reachable through connect(), which
+# Landlock does not check), and io_uring (which would bypass the filter). Per architecture: (audit arch, syscall
+# numbers to refuse, the socket and socketpair numbers).
+SECCOMP_ARCH = {
+    "x86_64": (0xC000003E, (188, 189, 190, 197, 198, 199, 132, 235, 261, 280, 425, 426, 427), (41, 53)),
+    "aarch64": (0xC00000B7, (5, 6, 7, 14, 15, 16, 88, 425, 426, 427), (198, 199)),
+}
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+AF_UNIX = 1
+
+
+def seccomp_filter() -> _SockFprog | None:
+    """The BPF program of the filter above for this machine's architecture, or None where it is not known."""
+    import platform
+
+    arch = SECCOMP_ARCH.get(platform.machine())
+    if arch is None or not sys.platform.startswith("linux"):
+        return None
+    audit_arch, refused, sockets = arch
+    ld_w_abs, jeq_k, jge_k, ret_k = 0x20, 0x15, 0x35, 0x06
+    deny = SECCOMP_RET_ERRNO | errno.EPERM
+    # a call from another ABI (32-bit, whose numbers differ) is refused outright
+    body = [(ld_w_abs, 0, 0, 4), (jeq_k, 1, 0, audit_arch), (ret_k, 0, 0, deny), (ld_w_abs, 0, 0, 0)]
+    tail = [(ret_k, 0, 0, SECCOMP_RET_ALLOW), (ret_k, 0, 0, deny)]
+    # each refused number (and x32's, flagged by bit 30) jumps to the final "deny"; the socket calls go on to
+    # check their family argument
+    checks = [(jge_k, 0, 0, 0x40000000)] + [(jeq_k, 0, 0, nr) for nr in refused]
+    family = [(jeq_k, 0, 0, nr) for nr in sockets]
+    program = body + checks + family + [(ret_k, 0, 0, SECCOMP_RET_ALLOW), (ld_w_abs, 0, 0, 16),
+                                        (jeq_k, 0, 0, AF_UNIX)] + tail
+    deny_at, allow_at = len(program) - 1, len(program) - 2
+    family_start = len(body) + len(checks)
+    family_check = family_start + len(family) + 1  # the `ld args[0]`
+    fixed = []
+    for i, (code, jt, jf, k) in enumerate(program):
+        if len(body) <= i < family_start:
+            jt = deny_at - i - 1
+        elif family_start <= i < family_start + len(family):
+            jt = family_check - i - 1
+        elif i == family_check + 1:
+            jt, jf = deny_at - i - 1, allow_at - i - 1
+        fixed.append((code, jt, jf, k))
+    filters = (_SockFilter * len(fixed))(*[_SockFilter(*f) for f in fixed])
+    return _SockFprog(len(fixed), filters)
+
+
+def landlock_abi() -> int:
+    if not sys.platform.startswith("linux"):
+        return 0
+    abi = libc().syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    return max(abi, 0)
+
+
+def read_only_paths() -> list[str]:
+    """What a job may read: the standard library (and its compiled modules), the shared libraries they load,
+    and a few harmless devices. Not the home folder, /proc, /etc or arena's files."""
+    paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
+    paths |= {"/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/dev/null", "/dev/urandom",
+              "/dev/zero"}
+    return sorted(p for p in paths if os.path.exists(p))
+
+
+def landlock_ruleset(scratch: str) -> tuple[int, str]:
+    """A Landlock ruleset (its fd) that each job child enforces on itself: read beneath `read_only_paths`,
+    read and write beneath `scratch`, nothing else; no TCP (ABI 4+); no signals or abstract Unix sockets out of
+    the job's own domain (ABI 6+). Returns (-1, why) where Landlock is missing."""
+    abi = landlock_abi()
+    if abi < 1:
+        return -1, "not confined: this kernel has no Landlock (Linux 5.13+ with landlock in its LSM list)"
+    fs_rights = FS_RIGHTS_BY_ABI.get(abi, FS_RIGHTS_BY_ABI[5])
+    attr = _RulesetAttr(fs_rights, NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0,
+                        SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0)
+    size = ctypes.sizeof(_RulesetAttr) if abi >= 6 else (16 if abi >= 4 else 8)
+    fd = _check(libc().syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size),
+                               ctypes.c_uint32(0)), "landlock_create_ruleset")
+    read = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+    for path, rights in [*((p, read) for p in read_only_paths()), (scratch, fs_rights), ("/dev/null", read | FS_WRITE_FILE)]:
+        if not os.path.isdir(path):
+            rights &= FILE_RIGHTS
+        rights &= fs_rights
+        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            rule = _PathBeneath(rights, pfd)
+            _check(libc().syscall(SYS_LANDLOCK_ADD_RULE, fd, 1, ctypes.byref(rule), ctypes.c_uint32(0)),
+                   f"landlock_add_rule {path}")
+        finally:
+            os.close(pfd)
+    extras = [x for x, ok in (("TCP", abi >= 4), ("signals and abstract sockets", abi >= 6)) if ok]
+    return fd, f"confined by Landlock ABI {abi}: writes only in the scratch folder" + (
+        f"; also blocks {' and '.join(extras)}" if extras else "")
+
+
+# -- one job --------------------------------------------------------------------------------------------------
+
+def run_job(request: dict, result_fd: int) -> None:
+    """In the job child, after confinement: run the program, report the values of its calls, exit."""
+    report: dict = {"load_error": None, "outputs": [], "errors": []}
+    namespace: dict = {"__name__": "__sandbox__"}
+    # every job is forked from the same worker memory: a random shift of the allocator makes a value that
+    # depends on addresses (id(), the default hash) differ between two runs, as it would between two processes
+    padding = [object() for _ in range(int.from_bytes(os.urandom(2), "little"))]  # noqa: F841
+    try:
+        exec(compile(request["program"], "<program>", "exec"), namespace)
+        entry = namespace[request["entry"]]
+        if not callable(entry):
+            raise TypeError(f"{request['entry']} is not a function")
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are the program's too
+        report["load_error"] = _describe(exc)
+        entry = None
+    if entry is not None:
+        for text in request["inputs"]:
+            try:
+                value = canonical(entry(*parse_arguments(text)))
+                error = None if len(value) <= request["max_value_chars"] else "the value's text is too long"
+            except BaseException as exc:  # noqa: BLE001
+                value, error = None, _describe(exc)
+            report["outputs"].append(None if error else value)
+            report["errors"].append(error)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - the program may have replaced or closed it
+            pass
+    data = json.dumps(report).encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(result_fd, view):]
+    os._exit(0)
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"[:300]
+    except BaseException:  # noqa: BLE001 - a str() that raises
+        return type(exc).__name__
+
+
+def confine_child(limits: dict, scratch: str, ruleset_fd: int, result_fd: int, seccomp: object) -> None:
+    os.setsid()
+    libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    out = os.open(os.path.join(scratch, ".output"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    keep = sorted({result_fd, ruleset_fd} - {-1})
+    for low, high in zip([3, *(k + 1 for k in keep)], [*keep, 1 << 16]):
+        os.closerange(low, high)
+    os.chdir(scratch)
+    import resource
+
+    cpu = int(math.ceil(limits["timeout"])) + 1
+    for name, value in (("RLIMIT_CORE", 0), ("RLIMIT_CPU", cpu), ("RLIMIT_AS", limits["memory_mb"] << 20),
+                        ("RLIMIT_FSIZE", limits["file_size_mb"] << 20), ("RLIMIT_NOFILE", limits["open_files"]),
+                        ("RLIMIT_NPROC", 1)):
+        if hasattr(resource, name):
+            resource.setrlimit(getattr(resource, name), (value, value))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file-size limit fails; it does not kill
+    if os.getuid() == 0:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+    if ruleset_fd >= 0:
+        _check(libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+        _check(libc().syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset_fd, ctypes.c_uint32(0)),
+               "landlock_restrict_self")
+        os.close(ruleset_fd)
+    if seccomp is not None:
+        _check(libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+        _check(libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(seccomp), 0, 0), "seccomp")
+    os.environ.clear()
+    sys.stdout = open(1, "w", closefd=False)
+    sys.stderr = sys.stdout
+
+
+# -- the server -----------------------------------------------------------------------------------------------
+
+def read_message(fd: int) -> dict | None:
+    head = _read_exactly(fd, 4)
+    if head is None:
+        return None
+    return json.loads(_read_exactly(fd, struct.unpack(">I", head)[0]) or b"null")
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < n:
+        chunk = os.read(fd, n - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def write_message(fd: int, message: dict) -> None:
+    data = json.dumps(message).encode()
+    view = memoryview(struct.pack(">I", len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def clear_folder(path: str) -> None:
+    """Empty the scratch folder, whatever a job left in it (folders it made unreadable included); symlinks are
+    removed, never followed."""
+    os.chmod(path, 0o700)
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            clear_folder(entry.path)
+            os.rmdir(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+# Modules a job can import even where the standard library is not readable by `nobody` (a Python installed under
+# /root): imported here once, so every forked job has them already. The dangerous ones are here on purpose: the
+# confinement, not a missing module, is what must stop a program that uses them.
+PRELOADED = ("abc", "bisect", "collections", "copy", "dataclasses", "datetime", "decimal", "enum", "fractions",
+             "functools", "hashlib", "heapq", "itertools", "json", "math", "operator", "random", "re", "statistics",
+             "string", "typing", "unicodedata", "encodings.idna", "importlib", "socket", "subprocess", "threading", "multiprocessing",
+             "shutil", "pathlib", "tempfile", "urllib.request", "inspect", "gc")
+
+
+def serve(limits: dict, protections: dict, in_fd: int, out_fd: int) -> None:
+    for name in PRELOADED:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    scratch = limits["scratch"]
+    protections["scratch"] = mount_scratch(scratch, limits["scratch_mb"], protections.pop("mounts", "") == "private")
+    try:
+        ruleset_fd, protections["filesystem"] = landlock_ruleset(scratch)
+    except OSError as exc:
+        ruleset_fd, protections["filesystem"] = -1, f"not confined: {exc}"
+    seccomp = seccomp_filter()
+    protections["syscalls"] = ("a seccomp filter refuses extended attributes, file times, Unix sockets and "
+                               "io_uring" if seccomp is not None else "no seccomp filter for this architecture")
+    protections["user"] = "nobody (uid 65534)" if os.getuid() == 0 else f"uid {os.getuid()} (not root)"
+    protections["limits"] = (f"{limits['timeout']} s wall clock, {limits['memory_mb']} MiB memory, "
+                             f"{limits['file_size_mb']} MiB files, {limits['open_files']} open files, no new "
+                             "processes or threads")
+    pid1 = os.getpid() == 1
+    write_message(out_fd, {"ready": True, "protections": protections})
+    while True:
+        request = read_message(in_fd)
+        if request is None:
+            return
+        clear_folder(scratch)
+        if os.getuid() == 0:  # the job runs as nobody
+            os.chown(scratch, NOBODY, NOBODY)
+        write_message(out_fd, run_one(request, limits, scratch, ruleset_fd, seccomp, pid1))
+
+
+def run_one(request: dict, limits: dict, scratch: str, ruleset_fd: int, seccomp: object, pid1: bool) -> dict:
+    read_end, write_end = os.pipe()
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            confine_child(limits, scratch, ruleset_fd, write_end, seccomp)
+            run_job(request, write_end)
+        finally:
+            os._exit(70)
+    os.close(write_end)
+    data, timed_out, too_big = _collect(read_end, pid, start + limits["timeout"], limits["max_report_bytes"])
+    os.close(read_end)
+    if timed_out or too_big:
+        _kill_group(pid)
+    _, status = os.waitpid(pid, 0)
+    seconds = time.monotonic() - start
+    _kill_group(pid)
+    if pid1:  # pid 1 of its own namespace: whatever the job left behind (a double fork, a setsid) dies here
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    while True:  # reap everything: our child and, as pid 1, any orphan
+        try:
+            if os.waitpid(-1, os.WNOHANG if not pid1 else 0)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+    stdout = _head(os.path.join(scratch, ".output"), limits["max_stdout_bytes"])
+    answer = {"seconds": seconds, "stdout": stdout, "outputs": [], "errors": [], "detail": None}
+    if timed_out:
+        answer.update(status="timeout", detail=f"still running after {limits['timeout']} s; killed")
+    elif too_big:
+        answer.update(status="crashed", detail=f"its report passed {limits['max_report_bytes']} bytes; killed")
+    elif os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        answer.update(status="timeout" if sig == signal.SIGXCPU else "crashed",
+                      detail=f"killed by {name}" + (" (CPU time limit)" if sig == signal.SIGXCPU else ""))
+    else:
+        try:
+            report = json.loads(data)
+            answer.update(status="error" if report["load_error"] else "ok", outputs=report["outputs"],
+                          errors=report["errors"], detail=report["load_error"])
+        except (ValueError, KeyError, TypeError):
+            answer.update(status="crashed", detail=f"exited with status {os.waitstatus_to_exitcode(status)} "
+                                                   "without a readable report")
+    return answer
+
+
+def _collect(fd: int, pid: int, deadline: float, cap: int) -> tuple[bytes, bool, bool]:
+    """The job's report, read until the job has both closed the pipe and exited, within the deadline: (report,
+    timed out, too big). A job that closes its pipe and goes on running still meets the deadline."""
+    chunks, size, eof = [], 0, False
+    pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    try:
+        while True:
+            exited = _exited(pid, pidfd)
+            if eof and exited:
+                return b"".join(chunks), False, False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return b"".join(chunks), True, False
+            watch = ([] if eof else [fd]) + ([pidfd] if pidfd is not None and not exited else [])
+            ready = select.select(watch, [], [], left if pidfd is not None or not eof else min(left, 0.01))[0]
+            if fd in ready:
+                chunk = os.read(fd, 65536)
+                eof = not chunk
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > cap:
+                    return b"", False, True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _exited(pid: int, pidfd: int | None) -> bool:
+    """Whether the job has ended (its exit status stays to be reaped)."""
+    if pidfd is not None:
+        return bool(select.select([pidfd], [], [], 0)[0])
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _kill_group(pid: int) -> None:
+    for target in (-pid, pid):
+        try:
+            os.kill(target, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _head(path: str, limit: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def main() -> None:
+    limits = json.loads(sys.argv[1])
+    in_fd, out_fd = os.dup(0), os.dup(1)  # the protocol; 0 and 1 themselves go to /dev/null
+    devnull = os.open("/dev/null", os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    protections = {"process": "a separate process per job, forked from a clean interpreter with no environment"}
+    protections.update(unshare_namespaces())
+    if os.path.exists("/proc/self") and sys.platform.startswith("linux"):
+        pid = os.fork()  # after unshare(CLONE_NEWPID) the first child is pid 1 of the new namespace
+        if pid:
+            signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+            while True:
+                try:
+                    _, status = os.waitpid(pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    serve(limits, protections, in_fd, out_fd)
+
+
+if __name__ == "__main__":
+    main()
