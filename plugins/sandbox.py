@@ -32,6 +32,7 @@ from arena.interfaces import Env, Executor
 from arena.types import Execution, Job
 
 WORKER = Path(__file__).with_name("sandbox_worker.py")
+REPORT_BYTES = 1 << 20  # the worker's pipe for a job's report (sandbox_worker.PIPE_BYTES): nothing larger comes
 ASPECTS = ("network", "filesystem", "processes")
 
 
@@ -68,21 +69,30 @@ class _Worker:
             [sys.executable, "-S", "-s", "-B", "-P", str(WORKER), json.dumps({**limits, "scratch": self.scratch})],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,
             env={"PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}, cwd=self.scratch, start_new_session=True)
-        hello = self._read(deadline=time.monotonic() + 30)
-        if not hello or not hello.get("ready"):
+        try:
+            hello = self._read(deadline=time.monotonic() + 30)
+            self.protections: dict[str, str] = dict(hello["protections"])
+        except Exception:  # noqa: BLE001 - no answer, or not the expected one
             self.kill()
-            raise ArenaError(f"the sandbox worker ({WORKER}) did not start; run it by hand to see why")
-        self.protections: dict[str, str] = hello["protections"]
+            raise ArenaError(f"the sandbox worker ({WORKER}) did not start; run it by hand to see why") from None
 
     def request(self, job: Job, limits: dict[str, Any]) -> Execution:
         data = json.dumps({"program": job.program, "inputs": list(job.inputs), "entry": job.entry,
                            "max_value_chars": limits["max_value_chars"]}).encode()
         self.proc.stdin.write(struct.pack(">I", len(data)) + data)
         self.proc.stdin.flush()
-        answer = self._read(deadline=time.monotonic() + limits["timeout"] + 10)
-        if answer is None:
+        deadline = time.monotonic() + limits["timeout"] + 10
+        header = self._read(deadline)
+        if header is None:
             raise ArenaError("the sandbox worker stopped answering")
-        return _execution(answer, job, limits)
+        sizes = (header.get("report_bytes"), header.get("stdout_bytes"))
+        if not all(isinstance(n, int) and 0 <= n <= cap for n, cap in zip(
+                sizes, (REPORT_BYTES, limits["max_stdout_bytes"]))):
+            raise ArenaError(f"the sandbox worker announced {sizes} bytes of report and output")
+        report, stdout = (self._read_exactly(n, deadline) for n in sizes)
+        if report is None or stdout is None:
+            raise ArenaError("the sandbox worker stopped answering")
+        return _execution(header, report, stdout.decode("utf-8", "replace"), job, limits)
 
     def _read(self, deadline: float) -> dict | None:
         """One message, or None when the worker closed its end or passed the deadline."""
@@ -106,6 +116,7 @@ class _Worker:
         return b"".join(chunks)
 
     def kill(self) -> None:
+        """Stop the worker and remove its folder; never raises (it runs while handling a failure)."""
         try:
             os.killpg(self.proc.pid, 9)
         except (ProcessLookupError, PermissionError):
@@ -116,26 +127,33 @@ class _Worker:
                 pipe.close()
             except OSError:
                 pass
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        try:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        except Exception:  # noqa: BLE001 - e.g. a folder tree deeper than the recursion limit
+            pass
 
 
-def _execution(answer: dict, job: Job, limits: dict[str, Any]) -> Execution:
-    """The worker's answer as an Execution, checked for shape: a job's report is the job's own text, so nothing in
-    it is trusted beyond being a list of short strings, one per input."""
-    outputs, errors = answer.get("outputs") or [], answer.get("errors") or []
-    status = answer.get("status")
-    if status == "ok" and not (
-            isinstance(outputs, list) and isinstance(errors, list) and len(outputs) == len(job.inputs) == len(errors)
+def _execution(header: dict, report: bytes, stdout: str, job: Job, limits: dict[str, Any]) -> Execution:
+    """An Execution from the worker's header (how the job ended) and the job's own report. The report is the
+    job's text: nothing in it is trusted beyond being one short string or None per input."""
+    seconds, status, detail = float(header.get("seconds", 0.0)), header.get("status"), header.get("detail")
+    if status != "exited":
+        return Execution(str(status), detail=None if detail is None else str(detail)[:300], stdout=stdout,
+                         seconds=seconds)
+    try:
+        data = json.loads(report)
+        outputs, errors, load_error = data["outputs"], data["errors"], data["load_error"]
+    except Exception:  # noqa: BLE001 - any report that is not the expected JSON (too deep, wrong types, none)
+        return Execution("crashed", detail="it exited without a readable report", stdout=stdout, seconds=seconds)
+    if load_error is not None:
+        return Execution("error", detail=str(load_error)[:300], stdout=stdout, seconds=seconds)
+    if not (isinstance(outputs, list) and isinstance(errors, list) and len(outputs) == len(job.inputs) == len(errors)
             and all(o is None or (isinstance(o, str) and len(o) <= limits["max_value_chars"]) for o in outputs)
             and all(e is None or isinstance(e, str) for e in errors)):
-        return Execution("crashed", detail="its report does not have one value per input",
-                         seconds=float(answer.get("seconds", 0.0)))
-    if status != "ok":
-        outputs, errors = [], []
-    return Execution(str(status), outputs=outputs, errors=[None if e is None else e[:300] for e in errors],
-                     detail=None if answer.get("detail") is None else str(answer["detail"])[:300],
-                     stdout=str(answer.get("stdout", ""))[:limits["max_stdout_bytes"]],
-                     seconds=float(answer.get("seconds", 0.0)))
+        return Execution("crashed", detail="its report does not have one value per input", stdout=stdout,
+                         seconds=seconds)
+    return Execution("ok", outputs=outputs, errors=[None if e is None else e[:300] for e in errors],
+                     stdout=stdout, seconds=seconds)
 
 
 class SandboxExecutor(Executor):
@@ -146,16 +164,21 @@ class SandboxExecutor(Executor):
     def __init__(self, options: SandboxOptions, env: Env | None = None):
         super().__init__(options, env)
         self.limits = {"timeout": options.timeout, "memory_mb": options.memory_mb,
-                       "file_size_mb": options.file_size_mb, "scratch_mb": options.scratch_mb, "open_files": options.open_files,
-                       "max_value_chars": options.max_value_chars, "max_stdout_bytes": options.max_stdout_bytes,
-                       "max_report_bytes": 2 * options.max_value_chars * 1024 + 65536}
+                       "file_size_mb": options.file_size_mb, "scratch_mb": options.scratch_mb,
+                       "open_files": options.open_files, "max_value_chars": options.max_value_chars,
+                       "max_stdout_bytes": options.max_stdout_bytes}
         self.size = options.workers or os.cpu_count() or 1
         self._idle: list[_Worker] = []
+        self._all: set[_Worker] = set()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._protections: dict[str, str] | None = None
-        self.executions = 0
         atexit.register(self.close)
+        if options.require:  # refuse at start-up, with the key, rather than at the first job
+            try:
+                self._release(self._acquire())
+            except ArenaError as exc:
+                raise ConfigError("require", str(exc)) from None
 
     def protections(self) -> dict[str, str]:
         if self._protections is None:
@@ -167,43 +190,50 @@ class SandboxExecutor(Executor):
             return []
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.size, thread_name_prefix="sandbox")
-        results = list(self._pool.map(self._run_one, jobs))
-        self.executions += len(jobs)
-        return results
+        return list(self._pool.map(self._run_one, jobs))
 
     def _run_one(self, job: Job) -> Execution:
         worker = self._acquire()
         try:
             result = worker.request(job, self.limits)
         except (ArenaError, OSError, ValueError) as exc:  # the worker died, hung or garbled its answer
-            worker.kill()
+            self._discard(worker)
             return Execution("lost", detail=f"the worker failed ({exc}); it was replaced")
         self._release(worker)
         return result
 
     def _acquire(self) -> _Worker:
+        """An idle worker, or a new one whose protections are checked against `require` (every new one: a
+        replacement may start where namespaces have since run out)."""
         with self._lock:
             if self._idle:
                 return self._idle.pop()
         worker = _Worker(self.limits)
+        missing = [a for a in self.options.require if not _in_force(a, worker.protections.get(a, "no"))]
+        if missing:
+            worker.kill()
+            raise ArenaError(f"{missing[0]} isolation is required but not in force here "
+                             f"({worker.protections.get(missing[0], 'unknown')}); remove it from require to run "
+                             "without it")
         with self._lock:
+            self._all.add(worker)
             if self._protections is None:
                 self._protections = worker.protections
-                missing = [a for a in self.options.require if not _in_force(a, worker.protections.get(a, "no"))]
-                if missing:
-                    worker.kill()
-                    raise ArenaError(f"executor.require: {missing[0]} isolation is required but not in force "
-                                     f"here ({worker.protections.get(missing[0], 'unknown')}); remove it from "
-                                     "require to run without it")
         return worker
 
     def _release(self, worker: _Worker) -> None:
         with self._lock:
             self._idle.append(worker)
 
-    def close(self) -> None:
+    def _discard(self, worker: _Worker) -> None:
         with self._lock:
-            workers, self._idle = self._idle, []
+            self._all.discard(worker)
+        worker.kill()
+
+    def close(self) -> None:
+        """Stop every worker, busy ones included."""
+        with self._lock:
+            workers, self._idle, self._all = list(self._all), [], set()
         for worker in workers:
             worker.kill()
         if self._pool is not None:

@@ -17,15 +17,17 @@ text values to the result pipe. The server enforces the wall-clock limit, kills 
 Requests and answers on stdin/stdout: a 4-byte big-endian length, then that many bytes of JSON.
 
 Nothing here decides whether a program is right: the child reports the values its calls returned, as canonical
-text (`canonical`), and arena compares them in its own process. A program can make its calls report whatever it
+text (`value_text`), and arena compares them in its own process. A program can make its calls report whatever it
 likes, which is the same as returning it; it never sees the expected answers.
 """
 
 from __future__ import annotations
 
+import array
 import ast
 import ctypes
 import errno
+import fcntl
 import json
 import math
 import os
@@ -34,6 +36,7 @@ import signal
 import struct
 import sys
 import sysconfig
+import termios
 import time
 
 MAX_DEPTH = 20
@@ -44,7 +47,7 @@ class Unsupported(TypeError):
     """A value with no canonical text (an object of a class the program defined, a function, ...)."""
 
 
-def canonical(value: object, depth: int = 0) -> str:
+def value_text(value: object, depth: int = 0) -> str:
     """Text that two values share exactly when they are equal as plain data: dicts and sets sorted, an integral
     float written as the int it equals (1.0 == 1 in Python). Only exact built-in types: a subclass or an object
     with its own __eq__ or __repr__ is refused, so a value cannot lie about itself."""
@@ -56,18 +59,16 @@ def canonical(value: object, depth: int = 0) -> str:
     if kind is int:
         return str(value) if -HUGE_INT < value < HUGE_INT else repr(float("inf") if value > 0 else float("-inf"))
     if kind is float:
-        if math.isfinite(value) and value == int(value) and abs(value) < 2**63:
-            return str(int(value))
-        return repr(value)
+        return str(int(value)) if math.isfinite(value) and value.is_integer() else repr(value)
     if kind is complex:
         return repr(value)
     if kind is list or kind is tuple:
-        items = ", ".join(canonical(v, depth + 1) for v in value)
+        items = ", ".join(value_text(v, depth + 1) for v in value)
         return f"[{items}]" if kind is list else f"({items},)" if len(value) == 1 else f"({items})"
     if kind is set or kind is frozenset:
-        return "{%s}" % ", ".join(sorted(canonical(v, depth + 1) for v in value)) if value else "set()"
+        return "{%s}" % ", ".join(sorted(value_text(v, depth + 1) for v in value)) if value else "set()"
     if kind is dict:
-        pairs = sorted((canonical(k, depth + 1), canonical(v, depth + 1)) for k, v in value.items())
+        pairs = sorted((value_text(k, depth + 1), value_text(v, depth + 1)) for k, v in value.items())
         return "{%s}" % ", ".join(f"{k}: {v}" for k, v in pairs)
     raise Unsupported(f"a value of type {kind.__name__} has no plain-data form")
 
@@ -135,18 +136,6 @@ def unshare_namespaces() -> dict[str, str]:
             "mounts": "private" if flags & CLONE_NEWNS else "shared with the host"}
 
 
-def mount_scratch(scratch: str, size_mb: int, private_mounts: bool) -> str:
-    """Put a tmpfs of `size_mb` on the scratch folder, so that a job cannot fill the disk with many small files:
-    possible in a private mount namespace only. Returns the report line."""
-    if not private_mounts:
-        return f"a folder on disk ({scratch}); each file limited, not their total"
-    data = f"size={size_mb}m,nr_inodes=4096,mode=0777".encode()
-    if (libc().mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0
-            or libc().mount(b"tmpfs", scratch.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, data) != 0):
-        return f"a folder on disk: mounting a tmpfs failed ({os.strerror(ctypes.get_errno())})"
-    return f"a private {size_mb} MiB tmpfs, emptied before each job"
-
-
 class _RulesetAttr(ctypes.Structure):
     _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
                 ("scoped", ctypes.c_uint64)]
@@ -165,28 +154,34 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-# What Landlock leaves open, refused with EPERM by a seccomp filter: extended attributes and file times (Landlock
-# does not guard metadata, so a job could mark a world-writable file elsewhere), Unix-domain sockets (a socket
-# file outside the scratch folder, such as a desktop or system bus, is reachable through connect(), which
-# Landlock does not check), and io_uring (which would bypass the filter). Per architecture: (audit arch, syscall
-# numbers to refuse, the socket and socketpair numbers).
+# What Landlock leaves open, refused with EPERM by a seccomp filter: extended attributes, file times, modes and
+# ownership (Landlock does not guard metadata, so a job could mark a world-writable file elsewhere, or, running
+# as the user, chmod the user's files), Unix-domain sockets (a socket file outside the scratch folder, such as a
+# desktop or system bus, is reachable through connect(), which Landlock does not check), and io_uring (which
+# would bypass the filter). Per architecture: (audit arch, syscall numbers to refuse, truncate's number (refused
+# where Landlock is older than ABI 3, which guards it), the socket and socketpair numbers).
 SECCOMP_ARCH = {
-    "x86_64": (0xC000003E, (188, 189, 190, 197, 198, 199, 132, 235, 261, 280, 425, 426, 427), (41, 53)),
-    "aarch64": (0xC00000B7, (5, 6, 7, 14, 15, 16, 88, 425, 426, 427), (198, 199)),
+    "x86_64": (0xC000003E, (188, 189, 190, 197, 198, 199, 463, 466,  # xattrs, *xattrat
+                            132, 235, 261, 280,  # utime, utimes, futimesat, utimensat
+                            90, 91, 92, 93, 94, 260, 268, 452,  # chmod, fchmod, chown, fchown, lchown, fchownat,
+                            425, 426, 427),  # fchmodat, fchmodat2; io_uring
+               76, (41, 53)),
+    "aarch64": (0xC00000B7, (5, 6, 7, 14, 15, 16, 463, 466, 88, 52, 53, 54, 55, 452, 425, 426, 427), 45, (198, 199)),
 }
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
 AF_UNIX = 1
 
 
-def seccomp_filter() -> _SockFprog | None:
+def seccomp_filter(landlock: int) -> _SockFprog | None:
     """The BPF program of the filter above for this machine's architecture, or None where it is not known."""
     import platform
 
     arch = SECCOMP_ARCH.get(platform.machine())
     if arch is None or not sys.platform.startswith("linux"):
         return None
-    audit_arch, refused, sockets = arch
+    audit_arch, refused, truncate, sockets = arch
+    refused = refused + ((truncate,) if landlock < 3 else ())
     ld_w_abs, jeq_k, jge_k, ret_k = 0x20, 0x15, 0x35, 0x06
     deny = SECCOMP_RET_ERRNO | errno.EPERM
     # a call from another ABI (32-bit, whose numbers differ) is refused outright
@@ -230,13 +225,18 @@ def read_only_paths() -> list[str]:
     return sorted(p for p in paths if os.path.exists(p))
 
 
-def landlock_ruleset(scratch: str) -> tuple[int, str]:
-    """A Landlock ruleset (its fd) that each job child enforces on itself: read beneath `read_only_paths`,
-    read and write beneath `scratch`, nothing else; no TCP (ABI 4+); no signals or abstract Unix sockets out of
-    the job's own domain (ABI 6+). Returns (-1, why) where Landlock is missing."""
-    abi = landlock_abi()
+def landlock_report(abi: int) -> str:
     if abi < 1:
-        return -1, "not confined: this kernel has no Landlock (Linux 5.13+ with landlock in its LSM list)"
+        return "not confined: this kernel has no Landlock (Linux 5.13+ with landlock in its LSM list)"
+    extras = [x for x, ok in (("TCP", abi >= 4), ("signals and abstract sockets", abi >= 6)) if ok]
+    return f"confined by Landlock ABI {abi}: writes only in the scratch folder" + (
+        f"; also blocks {' and '.join(extras)}" if extras else "")
+
+
+def landlock_ruleset(scratch: str, abi: int) -> int:
+    """A Landlock ruleset (its fd) that the job child enforces on itself: read beneath `read_only_paths`, read
+    and write beneath `scratch`, nothing else; no TCP (ABI 4+); no signals or abstract Unix sockets out of the
+    job's own domain (ABI 6+)."""
     fs_rights = FS_RIGHTS_BY_ABI.get(abi, FS_RIGHTS_BY_ABI[5])
     attr = _RulesetAttr(fs_rights, NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0,
                         SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0)
@@ -255,9 +255,7 @@ def landlock_ruleset(scratch: str) -> tuple[int, str]:
                    f"landlock_add_rule {path}")
         finally:
             os.close(pfd)
-    extras = [x for x, ok in (("TCP", abi >= 4), ("signals and abstract sockets", abi >= 6)) if ok]
-    return fd, f"confined by Landlock ABI {abi}: writes only in the scratch folder" + (
-        f"; also blocks {' and '.join(extras)}" if extras else "")
+    return fd
 
 
 # -- one job --------------------------------------------------------------------------------------------------
@@ -280,7 +278,7 @@ def run_job(request: dict, result_fd: int) -> None:
     if entry is not None:
         for text in request["inputs"]:
             try:
-                value = canonical(entry(*parse_arguments(text)))
+                value = value_text(entry(*parse_arguments(text)))
                 error = None if len(value) <= request["max_value_chars"] else "the value's text is too long"
             except BaseException as exc:  # noqa: BLE001
                 value, error = None, _describe(exc)
@@ -305,45 +303,55 @@ def _describe(exc: BaseException) -> str:
         return type(exc).__name__
 
 
-def confine_child(limits: dict, scratch: str, ruleset_fd: int, result_fd: int, seccomp: object) -> None:
+def confine_child(limits: dict, scratch: str, ruleset_fd: int, result_fd: int, output_fd: int,
+                  seccomp: object) -> None:
+    """Everything a job gets before its first line runs (see the module docstring)."""
+    linux = sys.platform.startswith("linux")
     os.setsid()
-    libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     devnull = os.open("/dev/null", os.O_RDONLY)
-    out = os.open(os.path.join(scratch, ".output"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(devnull, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
     keep = sorted({result_fd, ruleset_fd} - {-1})
     for low, high in zip([3, *(k + 1 for k in keep)], [*keep, 1 << 16]):
         os.closerange(low, high)
     os.chdir(scratch)
     import resource
 
-    cpu = int(math.ceil(limits["timeout"])) + 1
-    for name, value in (("RLIMIT_CORE", 0), ("RLIMIT_CPU", cpu), ("RLIMIT_AS", limits["memory_mb"] << 20),
-                        ("RLIMIT_FSIZE", limits["file_size_mb"] << 20), ("RLIMIT_NOFILE", limits["open_files"]),
-                        ("RLIMIT_NPROC", 1)):
+    cpu = int(math.ceil(limits["timeout"])) + 1  # past the soft limit SIGXCPU ends the job: a timeout
+    for name, soft, hard in (("RLIMIT_CORE", 0, 0), ("RLIMIT_CPU", cpu, cpu + 1),
+                             ("RLIMIT_AS", limits["memory_mb"] << 20, limits["memory_mb"] << 20),
+                             ("RLIMIT_FSIZE", limits["file_size_mb"] << 20, limits["file_size_mb"] << 20),
+                             ("RLIMIT_NOFILE", limits["open_files"], limits["open_files"]),
+                             ("RLIMIT_NPROC", 1, 1)):
         if hasattr(resource, name):
-            resource.setrlimit(getattr(resource, name), (value, value))
+            resource.setrlimit(getattr(resource, name), (soft, hard))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file-size limit fails; it does not kill
     if os.getuid() == 0:
         os.setgroups([])
         os.setgid(NOBODY)
         os.setuid(NOBODY)
-    if ruleset_fd >= 0:
-        _check(libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
-        _check(libc().syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset_fd, ctypes.c_uint32(0)),
-               "landlock_restrict_self")
-        os.close(ruleset_fd)
-    if seccomp is not None:
-        _check(libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
-        _check(libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(seccomp), 0, 0), "seccomp")
+    if linux:  # after the uid change, which clears it: the job dies with its worker
+        libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if ruleset_fd >= 0 or seccomp is not None:
+            _check(libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+        if ruleset_fd >= 0:
+            _check(libc().syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset_fd, ctypes.c_uint32(0)),
+                   "landlock_restrict_self")
+            os.close(ruleset_fd)
+        if seccomp is not None:
+            _check(libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(seccomp), 0, 0), "seccomp")
     os.environ.clear()
     sys.stdout = open(1, "w", closefd=False)
     sys.stderr = sys.stdout
 
 
 # -- the server -----------------------------------------------------------------------------------------------
+#
+# The server never holds a job's report or printed output in its own memory: both go from the job's pipe and
+# output file to arena through the kernel (splice, sendfile). Every job is forked from the server's memory, so
+# anything the server had read (a validation run's values, the gold answers of a task) could be dug out of it
+# by a later job; this way nothing of one job's results is there for the next.
 
 def read_message(fd: int) -> dict | None:
     head = _read_exactly(fd, 4)
@@ -364,14 +372,84 @@ def _read_exactly(fd: int, n: int) -> bytes | None:
 
 
 def write_message(fd: int, message: dict) -> None:
-    data = json.dumps(message).encode()
-    view = memoryview(struct.pack(">I", len(data)) + data)
+    _write_all(fd, json.dumps(message).encode(), framed=True)
+
+
+def _write_all(fd: int, data: bytes, framed: bool = False) -> None:
+    view = memoryview(struct.pack(">I", len(data)) + data if framed else data)
     while view:
         view = view[os.write(fd, view):]
 
 
+def _relay(out_fd: int, src: int, count: int, offset: int | None) -> None:
+    """Copy `count` bytes of a pipe (offset None) or file to arena without reading them into this process."""
+    sent = 0
+    while sent < count:
+        if offset is None and hasattr(os, "splice"):
+            moved = os.splice(src, out_fd, count - sent)
+        elif offset is not None and hasattr(os, "sendfile"):
+            moved = os.sendfile(out_fd, src, offset + sent, count - sent)
+        else:  # no zero-copy call here: fall back to reading
+            chunk = os.pread(src, count - sent, offset + sent) if offset is not None else os.read(src, count - sent)
+            _write_all(out_fd, chunk)
+            moved = len(chunk)
+        if moved <= 0:
+            raise OSError("the job's data ended early")
+        sent += moved
+
+
+# Modules a job can import even where the standard library is not readable by `nobody` (a Python installed under
+# /root): imported here once, so every forked job has them already. The dangerous ones are here on purpose: the
+# confinement, not a missing module, is what must stop a program that uses them.
+PRELOADED = ("abc", "bisect", "collections", "copy", "dataclasses", "datetime", "decimal", "enum", "fractions",
+             "functools", "hashlib", "heapq", "itertools", "json", "math", "operator", "random", "re", "statistics",
+             "string", "typing", "unicodedata", "encodings.idna", "importlib", "socket", "subprocess", "threading",
+             "multiprocessing", "shutil", "pathlib", "tempfile", "urllib.request", "inspect", "gc")
+MNT_DETACH = 2
+PIPE_BYTES = 1 << 20  # a job's report must fit in its pipe: the server reads it only once the job has ended
+
+
+class Scratch:
+    """The job's writable folder. With private mounts, a tmpfs mounted afresh for every job (nothing a job
+    leaves can trouble the next); otherwise a folder on disk, emptied after each job."""
+
+    def __init__(self, path: str, size_mb: int, private_mounts: bool):
+        self.path, self.size_mb, self.tmpfs = path, size_mb, private_mounts
+        if private_mounts and libc().mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+            self.tmpfs = False
+        if self.tmpfs and not self._mount():
+            self.tmpfs = False
+            self.report = f"a folder on disk: mounting a tmpfs failed ({os.strerror(ctypes.get_errno())})"
+        elif self.tmpfs:
+            self.report = f"a private {size_mb} MiB tmpfs, mounted afresh for each job"
+        else:
+            self.report = f"a folder on disk ({path}), emptied after each job; each file limited, not their total"
+        self._own()
+
+    def _mount(self) -> bool:
+        data = f"size={self.size_mb}m,nr_inodes=4096,mode=0700".encode()
+        return libc().mount(b"tmpfs", self.path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, data) == 0
+
+    def _own(self) -> None:
+        if os.getuid() == 0:  # the job runs as nobody
+            os.chown(self.path, NOBODY, NOBODY)
+
+    def reset(self) -> bool:
+        """Make the folder empty for the next job; False when what the last job left could not be removed."""
+        try:
+            if self.tmpfs:
+                if libc().umount2(self.path.encode(), MNT_DETACH) != 0 or not self._mount():
+                    return False
+            else:
+                clear_folder(self.path)
+            self._own()
+            return True
+        except Exception:  # noqa: BLE001 - e.g. a folder tree too deep to walk
+            return False
+
+
 def clear_folder(path: str) -> None:
-    """Empty the scratch folder, whatever a job left in it (folders it made unreadable included); symlinks are
+    """Empty a folder on disk, whatever a job left in it (folders it made unreadable included); symlinks are
     removed, never followed."""
     os.chmod(path, 0o700)
     for entry in os.scandir(path):
@@ -382,30 +460,23 @@ def clear_folder(path: str) -> None:
             os.unlink(entry.path)
 
 
-# Modules a job can import even where the standard library is not readable by `nobody` (a Python installed under
-# /root): imported here once, so every forked job has them already. The dangerous ones are here on purpose: the
-# confinement, not a missing module, is what must stop a program that uses them.
-PRELOADED = ("abc", "bisect", "collections", "copy", "dataclasses", "datetime", "decimal", "enum", "fractions",
-             "functools", "hashlib", "heapq", "itertools", "json", "math", "operator", "random", "re", "statistics",
-             "string", "typing", "unicodedata", "encodings.idna", "importlib", "socket", "subprocess", "threading", "multiprocessing",
-             "shutil", "pathlib", "tempfile", "urllib.request", "inspect", "gc")
-
-
 def serve(limits: dict, protections: dict, in_fd: int, out_fd: int) -> None:
     for name in PRELOADED:
         try:
             __import__(name)
         except ImportError:
             pass
-    scratch = limits["scratch"]
-    protections["scratch"] = mount_scratch(scratch, limits["scratch_mb"], protections.pop("mounts", "") == "private")
-    try:
-        ruleset_fd, protections["filesystem"] = landlock_ruleset(scratch)
-    except OSError as exc:
-        ruleset_fd, protections["filesystem"] = -1, f"not confined: {exc}"
-    seccomp = seccomp_filter()
-    protections["syscalls"] = ("a seccomp filter refuses extended attributes, file times, Unix sockets and "
-                               "io_uring" if seccomp is not None else "no seccomp filter for this architecture")
+    private = protections.pop("mounts", "") == "private"
+    if private and os.getpid() == 1 and libc().mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV, None) == 0:
+        protections["processes"] += "; /proc shows only the namespace"
+    scratch = Scratch(limits["scratch"], limits["scratch_mb"], private)
+    protections["scratch"] = scratch.report
+    abi = landlock_abi()
+    protections["filesystem"] = landlock_report(abi)
+    seccomp = seccomp_filter(abi)
+    protections["syscalls"] = ("a seccomp filter refuses extended attributes, file times and modes, ownership, "
+                               "Unix sockets and io_uring" if seccomp is not None else
+                               "no seccomp filter for this architecture")
     protections["user"] = "nobody (uid 65534)" if os.getuid() == 0 else f"uid {os.getuid()} (not root)"
     protections["limits"] = (f"{limits['timeout']} s wall clock, {limits['memory_mb']} MiB memory, "
                              f"{limits['file_size_mb']} MiB files, {limits['open_files']} open files, no new "
@@ -416,27 +487,41 @@ def serve(limits: dict, protections: dict, in_fd: int, out_fd: int) -> None:
         request = read_message(in_fd)
         if request is None:
             return
-        clear_folder(scratch)
-        if os.getuid() == 0:  # the job runs as nobody
-            os.chown(scratch, NOBODY, NOBODY)
-        write_message(out_fd, run_one(request, limits, scratch, ruleset_fd, seccomp, pid1))
+        header, report_fd, output_fd = run_one(request, limits, scratch, abi, seccomp, pid1)
+        try:
+            write_message(out_fd, header)
+            _relay(out_fd, report_fd, header["report_bytes"], None)
+            _relay(out_fd, output_fd, header["stdout_bytes"], 0)
+        finally:
+            os.close(report_fd)
+            os.close(output_fd)
 
 
-def run_one(request: dict, limits: dict, scratch: str, ruleset_fd: int, seccomp: object, pid1: bool) -> dict:
+def run_one(request: dict, limits: dict, scratch: Scratch, abi: int, seccomp: object,
+            pid1: bool) -> tuple[dict, int, int]:
+    """Run one job; returns the answer's header and the fds of its report and its printed output."""
+    ruleset_fd = landlock_ruleset(scratch.path, abi) if abi > 0 else -1  # per job: a new tmpfs, a new folder
     read_end, write_end = os.pipe()
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        try:
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass
+    output_fd = os.open(os.path.join(scratch.path, ".output"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read_end)
-            confine_child(limits, scratch, ruleset_fd, write_end, seccomp)
+            confine_child(limits, scratch.path, ruleset_fd, write_end, output_fd, seccomp)
             run_job(request, write_end)
         finally:
             os._exit(70)
     os.close(write_end)
-    data, timed_out, too_big = _collect(read_end, pid, start + limits["timeout"], limits["max_report_bytes"])
-    os.close(read_end)
-    if timed_out or too_big:
+    if ruleset_fd >= 0:
+        os.close(ruleset_fd)
+    timed_out = not _wait_exit(pid, start + limits["timeout"])
+    if timed_out:
         _kill_group(pid)
     _, status = os.waitpid(pid, 0)
     seconds = time.monotonic() - start
@@ -452,60 +537,45 @@ def run_one(request: dict, limits: dict, scratch: str, ruleset_fd: int, seccomp:
                 break
         except ChildProcessError:
             break
-    stdout = _head(os.path.join(scratch, ".output"), limits["max_stdout_bytes"])
-    answer = {"seconds": seconds, "stdout": stdout, "outputs": [], "errors": [], "detail": None}
+    report_bytes = _pipe_bytes(read_end)
+    header = {"seconds": seconds, "status": "exited", "detail": None, "report_bytes": report_bytes,
+              "stdout_bytes": min(os.fstat(output_fd).st_size, limits["max_stdout_bytes"])}
     if timed_out:
-        answer.update(status="timeout", detail=f"still running after {limits['timeout']} s; killed")
-    elif too_big:
-        answer.update(status="crashed", detail=f"its report passed {limits['max_report_bytes']} bytes; killed")
+        header.update(status="timeout", detail=f"still running after {limits['timeout']} s; killed")
     elif os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        answer.update(status="timeout" if sig == signal.SIGXCPU else "crashed",
+        header.update(status="timeout" if sig == signal.SIGXCPU else "crashed",
                       detail=f"killed by {name}" + (" (CPU time limit)" if sig == signal.SIGXCPU else ""))
-    else:
+    elif not scratch.reset():
+        header.update(status="crashed", detail="it left a scratch folder that could not be emptied")
+    if header["status"] != "exited":
+        scratch.reset()
+        header["report_bytes"] = 0
+    return header, read_end, output_fd
+
+
+def _pipe_bytes(fd: int) -> int:
+    """How many bytes wait in a pipe, without reading them (FIONREAD)."""
+    size = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, size, True)
+    return size[0]
+
+
+def _wait_exit(pid: int, deadline: float) -> bool:
+    """Wait until the job exits or the deadline passes (False). Its pipe plays no part: a job that closes its
+    report pipe and goes on running still meets the deadline."""
+    if hasattr(os, "pidfd_open"):
+        pidfd = os.pidfd_open(pid)
         try:
-            report = json.loads(data)
-            answer.update(status="error" if report["load_error"] else "ok", outputs=report["outputs"],
-                          errors=report["errors"], detail=report["load_error"])
-        except (ValueError, KeyError, TypeError):
-            answer.update(status="crashed", detail=f"exited with status {os.waitstatus_to_exitcode(status)} "
-                                                   "without a readable report")
-    return answer
-
-
-def _collect(fd: int, pid: int, deadline: float, cap: int) -> tuple[bytes, bool, bool]:
-    """The job's report, read until the job has both closed the pipe and exited, within the deadline: (report,
-    timed out, too big). A job that closes its pipe and goes on running still meets the deadline."""
-    chunks, size, eof = [], 0, False
-    pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
-    try:
-        while True:
-            exited = _exited(pid, pidfd)
-            if eof and exited:
-                return b"".join(chunks), False, False
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return b"".join(chunks), True, False
-            watch = ([] if eof else [fd]) + ([pidfd] if pidfd is not None and not exited else [])
-            ready = select.select(watch, [], [], left if pidfd is not None or not eof else min(left, 0.01))[0]
-            if fd in ready:
-                chunk = os.read(fd, 65536)
-                eof = not chunk
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > cap:
-                    return b"", False, True
-    finally:
-        if pidfd is not None:
+            return bool(select.select([pidfd], [], [], max(deadline - time.monotonic(), 0))[0])
+        finally:
             os.close(pidfd)
-
-
-def _exited(pid: int, pidfd: int | None) -> bool:
-    """Whether the job has ended (its exit status stays to be reaped)."""
-    if pidfd is not None:
-        return bool(select.select([pidfd], [], [], 0)[0])
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+        time.sleep(0.002)
+    return False
 
 
 def _kill_group(pid: int) -> None:
@@ -514,14 +584,6 @@ def _kill_group(pid: int) -> None:
             os.kill(target, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _head(path: str, limit: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit).decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from arena.plugins.sandbox import SandboxExecutor, SandboxOptions
-from arena.plugins.sandbox_worker import canonical
+from arena.plugins.sandbox_worker import value_text
 from arena.types import Job
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox confines on Linux only")
@@ -189,6 +189,8 @@ def assert_contained(ex, world, result):
     "rename-scratch-file-out": "open('x', 'w').write('pwned')\nos.rename('x', $dir + '/moved')",
     "touch-canary-times": "os.utime($canary)",
     "setxattr-canary": "os.setxattr($canary, 'user.pwned', b'pwned')",
+    "chmod-canary": "os.chmod($canary, 0o644)",
+    "chmod-folder": "os.chmod($dir, 0o700)",
 })
 def test_files_outside_the_scratch_folder_stay_untouched(ex, world, body):
     """Writes, deletes, renames, links and metadata changes on a world-writable canary, in /tmp and /dev/shm."""
@@ -225,7 +227,7 @@ def test_secrets_stay_unreadable(secret_ex, world, body):
     """arena's environment and a same-uid process's, a 0o644 secret file, the home folder."""
     result, _ = run(secret_ex, world, body)
     if BASHRC.is_file():
-        assert canonical(BASHRC.read_text()) not in result.outputs
+        assert value_text(BASHRC.read_text()) not in result.outputs
     assert_contained(secret_ex, world, result)
 
 
@@ -384,7 +386,7 @@ FAKE = ("class Fake(int):\n    __repr__ = __str__ = lambda self: '6'\n    __eq__
     "str-subclass": ("class S(str):\n    __repr__ = lambda self: '6'\ndef f(x):\n    return S(x)", "6"),
 }, "body, claim")
 def test_values_cannot_lie_about_themselves(ex, world, body, claim):
-    """f(5) returns 5 dressed up as 6: canonical refuses it rather than report the text it claims."""
+    """f(5) returns 5 dressed up as 6: value_text refuses it rather than report the text it claims."""
     result, _ = run(ex, world, body, inputs=["5"])
     assert result.outputs == [None] and "Unsupported" in result.errors[0] and claim not in result.outputs
     assert_contained(ex, world, result)
@@ -406,13 +408,13 @@ FORGE_FDS = (f"data = json.dumps({FORGED!r}).encode()\nfor fd in range(3, 21):\n
     "patch-builtins-repr": "builtins.repr = lambda v: \"'forged'\"\nreturn 'honest'",
     "patch-builtins-type": "builtins.type = lambda v: str\nreturn 'honest'",
     "patch-json-dumps": f"json.dumps = lambda r: {json.dumps({**FORGED, 'outputs': ['1', '2']})!r}\nreturn 'honest'",
-    "patch-worker-canonical": "sys.modules['__main__'].canonical = lambda v, d=0: \"'forged'\"\nreturn 'honest'",
+    "patch-worker-value-text": "sys.modules['__main__'].value_text = lambda v, d=0: \"'forged'\"\nreturn 'honest'",
     "patch-os-exit": "os._exit = lambda code: None\nreturn 'honest'",
 })
 def test_the_parents_comparison_cannot_be_fooled(ex, world, body):
     """The job should return a value only this side can compute: forged reports, patched reporting code and early
     exits never produce its text, and a report printed on stdout is never read as one."""
-    expected = canonical(hashlib.sha256(world.secret.encode()).hexdigest())
+    expected = value_text(hashlib.sha256(world.secret.encode()).hexdigest())
     result, _ = run(ex, world, body)
     assert expected not in result.outputs and not (result.ok and result.outputs == [expected])
     if "print(" in body:
@@ -482,7 +484,7 @@ CONTROLS = {  # id: (program, inputs, the values its calls must return, what it 
 @pytest.mark.parametrize("program, inputs, values, printed", list(CONTROLS.values()), ids=list(CONTROLS))
 def test_harmless_programs_pass(ex, program, inputs, values, printed):
     [result] = ex.run([Job(program=program, inputs=inputs)])
-    assert result.ok and result.outputs == [canonical(v) for v in values], result
+    assert result.ok and result.outputs == [value_text(v) for v in values], result
     assert result.stdout == printed
 
 
@@ -498,7 +500,7 @@ def test_an_honest_program_given_the_secret_passes(ex):
     secret = secrets.token_hex(16)
     [result] = ex.run([Job(program="import hashlib\ndef f(s):\n    return hashlib.sha256(s.encode()).hexdigest()",
                            inputs=[repr(secret)])])
-    assert result.ok and result.outputs == [canonical(hashlib.sha256(secret.encode()).hexdigest())]
+    assert result.ok and result.outputs == [value_text(hashlib.sha256(secret.encode()).hexdigest())]
 
 
 def test_outputs_are_the_same_on_every_worker(ex):
@@ -526,3 +528,44 @@ def test_every_category_has_hostile_cases():
                           "outlive", "fooling", "escapes"}
     assert len(CASES) == len(set(CASES))
     print(f"{len(CASES)} hostile cases in {len(categories)} categories")
+
+
+# -- what a job leaves for its worker and the next job --------------------------------------------------------
+@pytest.mark.parametrize("body", [
+    "os.remove('.output')\nos.mkfifo('.output')\nprint('x')\nreturn 1",  # a reader of the path would block
+    "os.remove('.output')\nos.symlink('/etc/passwd', '.output')\nreturn 1",  # would read a file it cannot
+    "for _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\nreturn 1",  # too deep to walk recursively
+    "for fd in range(3, 40):\n    try:\n        os.write(fd, b'[' * 100000)\n    except OSError:\n        pass\n"
+    "os._exit(0)",  # a report too deeply nested to parse
+], ids=["fifo-output", "symlink-output", "deep-folders", "deep-report"])
+def test_what_a_job_leaves_cannot_hurt_the_worker_or_the_next_job(ex, world, body):
+    """The worker reads the job's output through the file it opened, not its path; the scratch folder is new for
+    every job; a report that cannot be parsed makes this job crashed, not its worker lost."""
+    result, waited = run(ex, world, body)
+    assert result.status != "lost" and waited < TIMEOUT + 3, result
+    assert "root:" not in result.stdout
+    after = ex.run([Job("import os\ndef f():\n    return sorted(os.listdir('.'))", [""])])[0]
+    assert after.ok and after.outputs == ["['.output']"], after
+    assert_contained(ex, world, result)
+
+
+def test_require_refuses_to_start_without_the_protection(monkeypatch):
+    """`require` is checked at construction, with the key in the error, and again for every later worker (a
+    replacement may start where namespaces have since run out)."""
+    from arena.errors import ArenaError, ConfigError
+    import arena.plugins.sandbox as sandbox
+
+    make(require=["network", "filesystem", "processes"]).close()  # all in force on this machine: it starts
+    monkeypatch.setattr(sandbox, "_in_force", lambda aspect, text: aspect != "network")
+    with pytest.raises(ConfigError) as raised:
+        make(require=["network"])
+    assert raised.value.path == "require" and "network isolation is required" in raised.value.detail
+    executor = make(require=["filesystem"])  # its first worker was started and checked
+    monkeypatch.setattr(sandbox, "_in_force", lambda aspect, text: False)
+    try:
+        first = executor._acquire()  # the checked, idle one
+        with pytest.raises(ArenaError, match="filesystem isolation is required"):
+            executor._acquire()  # a second one is checked too
+        executor._release(first)
+    finally:
+        executor.close()
