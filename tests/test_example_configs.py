@@ -26,6 +26,10 @@ EXPECTED = {  # file -> (game, judge, what sets it apart)
     "lsp-zero.yaml": ("lsp", "llm_judge", {"game.quality_reward": False}),
     "spin-paper.yaml": ("spin", "self_reward", {"optimizer.beta": 0.1, "optimizer.lr": 5e-7, "optimizer.epochs": 2,
                                                 "run.iterations": 3128, "game.rounds_per_iteration": 782}),
+    "azr-paper.yaml": ("azr", "self_reward", {"game.proposals": 64, "game.solves": 8, "game.references": 6,
+                                              "optimizer.lr": 1e-6, "game.executor.require": ["network",
+                                                                                          "filesystem",
+                                                                                          "processes"]}),
 }
 
 

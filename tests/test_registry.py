@@ -22,7 +22,7 @@ from arena.registry import load_registry
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
 
 BUILTINS = {
-    "game": {"prompts": "prompts", "lsp": "lsp", "spin": "spin"},
+    "game": {"prompts": "prompts", "lsp": "lsp", "spin": "spin", "azr": "azr"},
     "judge": {"self_reward": "judges", "llm_judge": "judges", "reward_model": "judges", "exact_match": "judges",
               "mix": "judges"},
     "optimizer": {"grpo": "grpo", "dpo": "dpo", "mix": "mix_optimizer"},
