@@ -9,7 +9,6 @@ import json
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from arena.interfaces import Env, RoundContext
 from arena.plugins.sandbox import SandboxExecutor, SandboxOptions
 from arena.registry import load_registry
 from arena.runstore import read_jsonl
+from tiny import kill_after_checkpoint
 from arena.types import Execution, Generation, Job
 
 test_inputs.__test__ = False  # a function of the game under test, not a test
@@ -773,17 +773,10 @@ def test_azr_on_the_embedded_model_killed_after_a_checkpoint(tmp_path):
     """The real model for two rounds: kill -9 right after checkpoint 1, resume, and the run finishes with its
     buffers restored, not seeded again."""
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "arena", "play", "azr", f"run.dir={run}", "run.iterations=2", "run.loggers=[plain]",
-            "game.proposals=1", "game.solves=2", "game.seed_rounds=1", "game.eval_size=2", "run.eval_every=2",
-            "game.proposer_max_new_tokens=48", "game.solver_max_new_tokens=24"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 900
-    while not (run / "checkpoints" / "000001" / "meta.json").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(["play", "azr", f"run.dir={run}", "run.iterations=2", "run.loggers=[plain]",
+                           "game.proposals=1", "game.solves=2", "game.seed_rounds=1", "game.eval_size=2",
+                           "run.eval_every=2", "game.proposer_max_new_tokens=48", "game.solver_max_new_tokens=24"],
+                          run)
     first = game_state(run, 1)
     assert first["seeded"] is True and all(first["buffers"][k][0] == SEED_TASKS[k] for k in TYPES)
     done = subprocess.run([sys.executable, "-m", "arena", "play", "azr", "--resume", str(run)],

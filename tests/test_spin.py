@@ -4,11 +4,8 @@ is killed at an opponent change and resumed."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from safetensors.torch import load_file
 from arena.cli import main
 from arena.games.spin import held_out_preference, opponent_name, spin_iteration
 from arena.runstore import read_jsonl
+from tiny import kill_after_checkpoint
 
 
 def test_iterations_and_opponents():
@@ -102,17 +100,9 @@ def test_spin_on_the_embedded_model_killed_at_an_opponent_change(tmp_path):
     """The real model, one round per SPIN iteration: kill -9 right after the checkpoint that ends iteration 0,
     resume, and the run crosses two opponent changes with the right opponents and the held-out measures."""
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "arena", "play", "spin", f"run.dir={run}", "run.iterations=3",
-            "run.loggers=[plain]", "game.rounds_per_iteration=1", "game.prompts_per_round=2",
-            "game.max_new_tokens=12", "game.eval_size=2", "run.eval_every=3"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while not (run / "checkpoints" / "000001" / "meta.json").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(["play", "spin", f"run.dir={run}", "run.iterations=3", "run.loggers=[plain]",
+                           "game.rounds_per_iteration=1", "game.prompts_per_round=2", "game.max_new_tokens=12",
+                           "game.eval_size=2", "run.eval_every=3"], run, timeout=600)
     done = subprocess.run([sys.executable, "-m", "arena", "play", "spin", "--resume", str(run)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr

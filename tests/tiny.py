@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import torch
 from arena.config import resolve
 from arena.interfaces import Env
@@ -61,3 +68,19 @@ def make_backend(model_dir, perturb: bool = True, seed: int = 3, **options):
                 if "lora_B" in name:
                     p.normal_(0, 0.5)
     return backend
+
+
+def kill_after_checkpoint(args: list[str], run: Path, iteration: int = 1, timeout: float = 900,
+                          linger: float = 0.0) -> None:
+    """Run `python -m arena ARGS` and kill -9 it once checkpoint `iteration` is complete in `run` (after `linger`
+    more seconds, so that the next round is under way): the crash a resume must survive."""
+    proc = subprocess.Popen([sys.executable, "-m", "arena", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + timeout
+    while not (run / "checkpoints" / f"{iteration:06d}" / "meta.json").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"no checkpoint {iteration} after {timeout} s"
+        time.sleep(0.1)
+    time.sleep(linger)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
