@@ -809,3 +809,34 @@ def test_a_proposal_written_in_two_turns_counts_once_in_its_baseline(env, execut
     # mean would be 1/6 and the advantages 0.707, 0.707, -1.414)
     assert [s.reward for s in proposers] == [0.5, 0.5, -0.5]
     assert [s.advantage for s in proposers] == approx([1.0, 1.0, -1.0])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("game.task_types=[deduction,foo]", "game.task_types.1"),
+    ("game.task_types=[deduction,deduction]", "game.task_types"),
+    ("game.task_types=[]", "game.task_types"),
+    ("game.min_induction_pairs=20", "game.min_induction_pairs"),
+    ("game.solves=1", "game.solves"),
+    ("game.executor.name=nope", "game.executor.name"),
+    ("game.executor.timeout=0", "game.executor.timeout"),
+    ("game.executor.wrkers=2", "game.executor.wrkers"),
+    ("game.executor.require=[network,bogus]", "game.executor.require.1"),
+    ("optimizer.roles.challenger.weight=2", "optimizer.roles.challenger"),
+])
+def test_bad_azr_config_is_one_line_naming_the_key(tiny_config, capsys, override, key):
+    run = next(v.split("=", 1)[1] for v in tiny_config if v.startswith("run.dir="))
+    assert main(["play", "azr", *tiny_config, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert key in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(run), "a bad config must leave no run folder behind"
+
+
+def test_a_required_protection_that_is_missing_stops_the_run_before_any_round(tiny_config, capsys, monkeypatch):
+    import arena.plugins.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "_in_force", lambda aspect, text: aspect != "network")
+    run = next(v.split("=", 1)[1] for v in tiny_config if v.startswith("run.dir="))
+    assert main(["play", "azr", *tiny_config, "game.executor.require=[network]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("arena: error: game.executor.require: network isolation is required"), err
+    assert not os.path.exists(run)
