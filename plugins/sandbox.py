@@ -29,10 +29,10 @@ from arena.config import option
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Executor
+from arena.plugins.sandbox_worker import PIPE_BYTES
 from arena.types import Execution, Job
 
 WORKER = Path(__file__).with_name("sandbox_worker.py")
-REPORT_BYTES = 1 << 20  # the worker's pipe for a job's report (sandbox_worker.PIPE_BYTES): nothing larger comes
 ASPECTS = ("network", "filesystem", "processes")
 
 
@@ -87,7 +87,7 @@ class _Worker:
             raise ArenaError("the sandbox worker stopped answering")
         sizes = (header.get("report_bytes"), header.get("stdout_bytes"))
         if not all(isinstance(n, int) and 0 <= n <= cap for n, cap in zip(
-                sizes, (REPORT_BYTES, limits["max_stdout_bytes"]))):
+                sizes, (PIPE_BYTES, limits["max_stdout_bytes"]))):
             raise ArenaError(f"the sandbox worker announced {sizes} bytes of report and output")
         report, stdout = (self._read_exactly(n, deadline) for n in sizes)
         if report is None or stdout is None:

@@ -472,7 +472,12 @@ def serve(limits: dict, protections: dict, in_fd: int, out_fd: int) -> None:
     scratch = Scratch(limits["scratch"], limits["scratch_mb"], private)
     protections["scratch"] = scratch.report
     abi = landlock_abi()
-    protections["filesystem"] = landlock_report(abi)
+    try:  # built again for every job; a failure here would fail each of them, so it is reported once instead
+        if abi > 0:
+            os.close(landlock_ruleset(scratch.path, abi))
+        protections["filesystem"] = landlock_report(abi)
+    except OSError as exc:
+        abi, protections["filesystem"] = 0, f"not confined: {exc}"
     seccomp = seccomp_filter(abi)
     protections["syscalls"] = ("a seccomp filter refuses extended attributes, file times and modes, ownership, "
                                "Unix sockets and io_uring" if seccomp is not None else
