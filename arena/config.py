@@ -382,11 +382,12 @@ def resolve(registry: Any, game: str, config_files: list[str] = (), overrides: l
     for i, logger in enumerate(tree["run"]["loggers"]):
         registry.get("logger", logger, f"run.loggers.{i}")
     optimizer, game_class = entries["optimizer"].obj, entries["game"].obj
-    missing = optimizer.consumed(typed["optimizer"].options) - game_class.produces
+    produced = game_class.produced(typed["game"].options)
+    missing = optimizer.consumed(typed["optimizer"].options) - produced
     if missing:
         raise ConfigError("optimizer.name", f"{typed['optimizer'].name!r} learns from {', '.join(sorted(missing))} "
-                          f"but game {game!r} produces {', '.join(sorted(game_class.produces))}; choose an "
-                          "optimizer that consumes what the game produces")
+                          f"but game {game!r} produces {', '.join(sorted(produced))} with these settings; "
+                          "choose an optimizer that consumes what the game produces")
     if game_class.role_names:
         try:
             optimizer.check_role_names(typed["optimizer"].options, game_class.role_names)

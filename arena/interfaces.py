@@ -69,9 +69,12 @@ class Policy(ABC):
     @abstractmethod
     def generate(self, prompts: Sequence[Messages | list[int]], *, n: int = 1, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                 reference: bool | str = False) -> list[list[Generation]]:
+                 reference: bool | str = False, stop: Sequence[str] = ()) -> list[list[Generation]]:
         """Sample `n` completions per prompt, all prompts in as few batched calls as memory allows.
-        Returns one list of n Generations per prompt, in prompt order."""
+        Returns one list of n Generations per prompt, in prompt order. A completion also ends at the first token
+        whose text holds one of the `stop` strings (a line end, for a field that fills one line) once it has
+        begun: blank tokens before its first text do not stop it. That token is kept, as an end token is; the
+        text after the stop string is the caller's to drop."""
 
     @abstractmethod
     def next_token_logprobs(self, prompts: Sequence[list[int]], candidates: Sequence[int], *,
@@ -232,6 +235,12 @@ class Game(ABC):
     def __init__(self, options: Any, env: Env):
         self.options = options
         self.env = env
+
+    @classmethod
+    def produced(cls, options: Any) -> frozenset[str]:
+        """The kinds of samples a game with these options hands the optimizer: `produces` unless an option
+        changes it (a game with a pairwise variant)."""
+        return cls.produces
 
     @property
     @abstractmethod

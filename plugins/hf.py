@@ -121,6 +121,7 @@ class HFBackend(Backend):
             self.eos_ids.update(model.generation_config.eos_token_id)
         self.generated_tokens = 0
         self._frozen: dict[str, dict[str, torch.Tensor]] = {}  # name -> {trainable parameter name: copy}
+        self._stop_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- text ---------------------------------------------------------------------------------------------------
     def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
@@ -237,7 +238,7 @@ class HFBackend(Backend):
     # -- sampling -----------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Messages | list[int]], *, n: int = 1, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                 reference: bool | str = False) -> list[list[Generation]]:
+                 reference: bool | str = False, stop: Sequence[str] = ()) -> list[list[Generation]]:
         """temperature 0 is greedy decoding (its log-probs recorded at T=1)."""
         if temperature < 0:
             raise ValueError(f"temperature {temperature}: expected >= 0 (0: greedy)")
@@ -251,15 +252,31 @@ class HFBackend(Backend):
         order = sorted(range(len(flat)), key=lambda k: len(flat[k]))  # similar lengths share a batch: less padding
         results: list[Generation | None] = [None] * len(flat)
         step = self._batch_size(len(flat), longest + max_new_tokens)
+        stops = self._stop_tokens(tuple(stop))
         for start in range(0, len(order), step):
             chunk = order[start:start + step]
             for k, gen in zip(chunk, self._generate_batch([flat[k] for k in chunk], max_new_tokens,
-                                                          temperature, top_p, greedy, reference)):
+                                                          temperature, top_p, greedy, reference, stops)):
                 results[k] = gen
         return [results[i * n:(i + 1) * n] for i in range(len(encoded))]
 
+    def _stop_tokens(self, stop: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Masks over the vocabulary, found once per set of stop strings: the tokens whose text holds one of
+        them, and the blank tokens (only whitespace), before which a completion has not begun."""
+        if not stop:
+            return None
+        if any(not s for s in stop):
+            raise ValueError("generate(stop=...): an empty stop string would end every completion at once")
+        if stop not in self._stop_cache:
+            pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            holds = torch.tensor([any(s in piece for s in stop) for piece in pieces], device=self.device)
+            blank = torch.tensor([not piece.strip() for piece in pieces], device=self.device)
+            self._stop_cache[stop] = (holds, blank)
+        return self._stop_cache[stop]
+
     def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                        greedy: bool, reference: bool | str) -> list[Generation]:
+                        greedy: bool, reference: bool | str,
+                        stops: tuple[torch.Tensor, torch.Tensor] | None) -> list[Generation]:
         """Our own decode loop rather than `model.generate`: each distinct prompt is prefilled once and its KV
         cache gathered to its samples, tokens are drawn by `sample_tokens`, and log p(token) at temperature T is
         recorded as drawn. Tokens and log-probs stay on the device until the end, and "all rows done?" is asked
@@ -273,6 +290,7 @@ class HFBackend(Backend):
         tokens = torch.full((rows, max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
         logprobs = torch.zeros(rows, max_new_tokens, device=self.device)
         done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        begun = torch.zeros(rows, dtype=torch.bool, device=self.device)  # a non-blank token was drawn
         steps = 0
         with torch.inference_mode(), self._adapter(reference):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
@@ -292,6 +310,10 @@ class HFBackend(Backend):
                 logprobs[:, step] = (scaled.gather(1, token[:, None]) - lse).squeeze(1)
                 steps = step + 1
                 done |= torch.isin(token, eos)
+                if stops is not None:  # a stop string ends a completion once it has begun: blank lines before don't
+                    holds, blank = stops[0][token], stops[1][token]
+                    done |= holds & (begun | ~blank)
+                    begun |= ~blank
                 if steps == max_new_tokens or (steps % self.done_check_every == 0 and bool(done.all())):
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -301,7 +323,7 @@ class HFBackend(Backend):
         new, new_logprobs = tokens[:, :steps].tolist(), logprobs[:, :steps].tolist()  # one copy each
         gens = []
         for prompt, row_tokens, row_logprobs in zip(prompts, new, new_logprobs):
-            end = next((i for i, tok in enumerate(row_tokens) if tok in self.eos_ids), None)
+            end = self._end(row_tokens, stops)
             length = len(row_tokens) if end is None else end + 1  # keep the end token: the model learns to stop
             completion = row_tokens[:length]
             gens.append(Generation(prompt_ids=list(prompt), completion_ids=completion,
@@ -309,6 +331,19 @@ class HFBackend(Backend):
                                    truncated=end is None))
             self.generated_tokens += length
         return gens
+
+    def _end(self, tokens: list[int], stops: tuple[torch.Tensor, torch.Tensor] | None) -> int | None:
+        """Where a row's completion ends: its first end token, or its first stop token once it has begun."""
+        begun = False
+        for i, tok in enumerate(tokens):
+            if tok in self.eos_ids:
+                return i
+            if stops is not None:
+                holds, blank = bool(stops[0][tok]), bool(stops[1][tok])
+                if holds and (begun or not blank):
+                    return i
+                begun |= not blank
+        return None
 
     # -- scoring ------------------------------------------------------------------------------------------------
     def next_token_logprobs(self, prompts: Sequence[list[int]], candidates: Sequence[int], *,

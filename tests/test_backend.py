@@ -84,16 +84,16 @@ def test_batched_greedy_equals_one_prompt_at_a_time(policy):
         torch.testing.assert_close(torch.tensor(gen.logprobs), torch.tensor(alone.logprobs), atol=ATOL, rtol=0)
 
 
-def with_eos_bias(backend, bias: float):
-    """Add `bias` to the EOS logit (a biased copy of the tied head): the tiny model's logits are otherwise nearly
-    uniform over 49k tokens, so it would never stop."""
+def with_eos_bias(backend, bias: float, token: int | None = None):
+    """Add `bias` to the EOS logit, or `token`'s (a biased copy of the tied head): the tiny model's logits are
+    otherwise nearly uniform over 49k tokens, so it would never stop."""
     base = backend.model.get_base_model()
     old = base.lm_head
     head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
     head.weight = old.weight
     with torch.no_grad():
         head.bias.zero_()
-        head.bias[backend.tokenizer.eos_token_id] = bias
+        head.bias[backend.tokenizer.eos_token_id if token is None else token] = bias
     head.bias.requires_grad_(False)
     base.lm_head = head
     return backend
@@ -630,3 +630,53 @@ def test_load_sequence_classifier(reward_model_dir, tiny_model_dir, tmp_path):
         load_sequence_classifier(None)
     with pytest.raises(ArenaError, match=rf"^judge.path {tmp_path}: folder has no config.json"):
         resolve_model_path(str(tmp_path), key="judge.path")
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_stop_strings_end_a_completion_where_the_plain_one_first_shows_them(policy, greedy):
+    """generate(stop=...) is the plain generation cut after the first token whose text holds a stop string, once
+    the completion has begun (a blank token before any text does not stop it): the same tokens and log-probs up
+    to it (sampling too: the rows draw the same random numbers), that token kept, not marked truncated. Without
+    a stop token in reach, it is the plain generation."""
+    stop = ("e", " ")  # " " holds a blank token that may come first: stops only after some text
+    torch.manual_seed(5)
+    plain = policy.generate(chats(4), n=3, max_new_tokens=12, greedy=greedy)
+    torch.manual_seed(5)
+    stopped = policy.generate(chats(4), n=3, max_new_tokens=12, greedy=greedy, stop=stop)
+    cut = 0
+    for plain_gens, stopped_gens in zip(plain, stopped):
+        for p, s in zip(plain_gens, stopped_gens):
+            pieces = [policy.decode([t]) for t in p.completion_ids]
+            begun = [any(x.strip() for x in pieces[:i + 1]) for i in range(len(pieces))]
+            end = next((i for i, piece in enumerate(pieces) if any(x in piece for x in stop) and begun[i]), None)
+            if end is None or (not p.truncated and end == len(p.completion_ids) - 1):
+                assert (s.completion_ids, s.truncated) == (p.completion_ids, p.truncated)
+                continue
+            cut += 1
+            assert s.completion_ids == p.completion_ids[:end + 1]
+            assert s.logprobs == pytest.approx(p.logprobs[:end + 1], abs=1e-6)
+            assert not s.truncated and s.text == policy.decode(s.completion_ids)
+            assert any(x in s.text for x in stop)
+    assert cut > 0  # the stop strings did end some completions early
+
+
+def test_an_empty_stop_string_is_refused(policy):
+    with pytest.raises(ValueError, match="empty stop string"):
+        policy.generate(chats(1), max_new_tokens=2, stop=("",))
+
+
+def test_a_line_break_before_any_text_does_not_stop_a_line(tiny_model_dir):
+    """With "\n" about half of all draws, many completions start with line breaks: those run on to their first
+    text and stop at the line break after it; a blank start never ends a completion empty."""
+    backend = make_backend(tiny_model_dir)
+    newline = backend.token_id("\n")
+    with_eos_bias(backend, 11.0, token=newline)
+    torch.manual_seed(0)
+    gens = [g for gs in backend.generate(chats(2), n=16, max_new_tokens=12, stop=("\n",)) for g in gs]
+    blank_start = [g for g in gens if g.completion_ids[0] == newline]
+    assert blank_start  # the case is exercised
+    for g in gens:
+        text = g.text.lstrip()
+        assert text.strip() or g.truncated  # never ended while still blank
+        if not g.truncated:
+            assert g.completion_ids[-1] == newline and "\n" not in text[:-1]  # ended at the break after its text
