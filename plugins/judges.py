@@ -134,6 +134,23 @@ def _check_template(template: str | None, fields: tuple[str, ...]) -> None:
                                       f"({type(exc).__name__}: {exc})") from None
 
 
+def check_model_option(model: str | None) -> None:
+    """A judge's own `model` option must name a loadable model, so a typo fails when the config resolves."""
+    problem = model and model_path_problem(model)
+    if problem:
+        raise ConfigError("model", f"{model}: {problem}")
+
+
+def own_model(path: str, env: Env) -> Policy:
+    """A judge model of its own: an hf backend on `path` with the run's other model settings. Judges score with
+    its reference (adapter off), which is then exactly that model."""
+    config = copy.copy(env.config)
+    config.model = copy.copy(env.config.model)
+    config.model.path = path
+    child = Env(config=config, registry=env.registry)
+    return env.registry.build("backend", {"name": "hf"}, child, "judge.model")
+
+
 @dataclass
 class SelfRewardOptions:
     mode: str = option("constrained", choices=MODES)
@@ -164,9 +181,7 @@ class LLMJudgeOptions:
 
     def check(self) -> None:
         _check_template(self.template, ("query", "response", "reference_block", "max_score"))
-        problem = self.model and model_path_problem(self.model)
-        if problem:
-            raise ConfigError("model", f"{self.model}: {problem}")
+        check_model_option(self.model)
 
 
 class LLMJudge(PromptJudge):
@@ -176,14 +191,7 @@ class LLMJudge(PromptJudge):
 
     def __init__(self, options: LLMJudgeOptions, env: Env):
         self.max_score = options.max_score
-        model = None
-        if options.model is not None:  # a judge model of its own: an hf backend whose reference is that model
-            config = copy.copy(env.config)
-            config.model = copy.copy(env.config.model)
-            config.model.path = options.model
-            child = Env(config=config, registry=env.registry)
-            model = env.registry.build("backend", {"name": "hf"}, child, "judge.model")
-        super().__init__(options, env, model)
+        super().__init__(options, env, own_model(options.model, env) if options.model is not None else None)
 
     def render(self, item: JudgeItem) -> str:
         block = f"<reference_answer>{item.reference}</reference_answer>\n" if item.reference else ""
