@@ -383,11 +383,16 @@ def resolve(registry: Any, game: str, config_files: list[str] = (), overrides: l
         registry.get("logger", logger, f"run.loggers.{i}")
     optimizer, game_class = entries["optimizer"].obj, entries["game"].obj
     produced = game_class.produced(typed["game"].options)
-    missing = optimizer.consumed(typed["optimizer"].options) - produced
-    if missing:
-        raise ConfigError("optimizer.name", f"{typed['optimizer'].name!r} learns from {', '.join(sorted(missing))} "
-                          f"but game {game!r} produces {', '.join(sorted(produced))} with these settings; "
-                          "choose an optimizer that consumes what the game produces")
+    consumed = optimizer.consumed(typed["optimizer"].options)
+    name = typed["optimizer"].name
+    if consumed - produced:
+        raise ConfigError("optimizer.name", f"{name!r} learns from {', '.join(sorted(consumed - produced))} but "
+                          f"game {game!r} produces {', '.join(sorted(produced))} with these settings; choose an "
+                          "optimizer that consumes what the game produces")
+    if produced - consumed:  # samples of a kind no part learns from would be played and silently never trained
+        raise ConfigError("optimizer.name", f"game {game!r} produces {' and '.join(sorted(produced))} with these "
+                          f"settings but {name!r} learns only from {', '.join(sorted(consumed))}; use an optimizer "
+                          "that learns from every kind, e.g. a mix with one part per kind")
     if game_class.role_names:
         try:
             optimizer.check_role_names(typed["optimizer"].options, game_class.role_names)

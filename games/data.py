@@ -120,12 +120,12 @@ def load_records(dataset: str, key: str = "game.dataset", seed: int = 0,
 
 
 def held_out_split(records: list[dict[str, Any]], eval_size: int, seed: int, dataset: str,
-                   what: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                   what: str, key: str = "dataset") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(held-out, training) records after a shuffle fixed by `seed`; too few records to train on after holding
-    out `eval_size` is a config error naming game.dataset."""
+    out `eval_size` is a config error naming the game's `key`."""
     if len(records) <= eval_size:
-        raise ConfigError("dataset", f"{dataset}: {len(records)} {what}, but eval_size is {eval_size}; need more "
-                                     "than that")
+        raise ConfigError(key, f"{dataset}: {len(records)} {what}, but eval_size is {eval_size}; need more "
+                               "than that")
     records = list(records)
     random.Random(seed).shuffle(records)
     return records[:eval_size], records[eval_size:]
@@ -140,3 +140,44 @@ def short_records(records: list[dict[str, Any]], max_chars: int, dataset: str, k
         warnings.warn(f"{key} {dataset}: left out {len(records) - len(kept)} of {len(records)} prompts longer than "
                       f"{max_chars} characters ({option})", ArenaWarning, stacklevel=3)
     return kept
+
+
+def load_documents(corpus: str, key: str = "game.corpus") -> list[dict[str, str]]:
+    """The documents of a corpus as {"title", "text"} records: `pydoc` (the language reference that ships with
+    Python, `pydoc_data.topics`), a JSONL file of {"text": ..., "title": ...} records, or a folder of .txt and
+    .md files (sorted by name, the file name as title)."""
+    if corpus == "pydoc":
+        from pydoc_data.topics import topics
+
+        return [{"title": name, "text": topics[name]} for name in sorted(topics)]
+    path = Path(corpus)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix in (".txt", ".md") and f.is_file())
+        if not files:
+            raise ArenaError(f"{key} {corpus}: the folder holds no .txt or .md file")
+        try:
+            return [{"title": f.name, "text": f.read_text(encoding="utf-8")} for f in files]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ArenaError(f"{key} {corpus}: cannot read a file ({exc})") from None
+    if not path.is_file():
+        raise ArenaError(f"{key} {corpus}: no such file or folder; expected pydoc, a JSONL file of "
+                         "{\"text\": ...} records or a folder of .txt files")
+    documents = []
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArenaError(f"{key} {corpus}: cannot read it ({exc})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ArenaError(f"{key} {corpus}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ArenaError(f"{key} {corpus}:{number}: expected an object with a string \"text\"")
+        documents.append({"title": str(record.get("title", record.get("id", f"line {number}"))),
+                          "text": record["text"]})
+    if not documents:
+        raise ArenaError(f"{key} {corpus}: holds no documents")
+    return documents

@@ -48,6 +48,17 @@ class HFOptions:
     min_shared_prefix: int = option(16, ge=1)  # judge prompts sharing this many leading tokens reuse their KV cache
 
 
+@dataclass(frozen=True)
+class Stops:
+    """The tokens that can end a completion for a set of stop strings: as id sets for the host, as masks over the
+    logits width for the decode loop."""
+
+    holds: frozenset[int]
+    blank: frozenset[int]
+    holds_mask: torch.Tensor
+    blank_mask: torch.Tensor
+
+
 def generation_rows(free_bytes: int, tokens: int, *, layers: int, kv_heads: int, head_dim: int, vocab: int,
                     dtype_bytes: int) -> int:
     """Sequences of `tokens` (prompt + new) one generation batch can hold in `free_bytes` of GPU memory: each
@@ -121,7 +132,7 @@ class HFBackend(Backend):
             self.eos_ids.update(model.generation_config.eos_token_id)
         self.generated_tokens = 0
         self._frozen: dict[str, dict[str, torch.Tensor]] = {}  # name -> {trainable parameter name: copy}
-        self._stop_cache: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stop_cache: dict[tuple[str, ...], Stops] = {}
 
     # -- text ---------------------------------------------------------------------------------------------------
     def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
@@ -260,23 +271,29 @@ class HFBackend(Backend):
                 results[k] = gen
         return [results[i * n:(i + 1) * n] for i in range(len(encoded))]
 
-    def _stop_tokens(self, stop: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Masks over the vocabulary, found once per set of stop strings: the tokens whose text holds one of
-        them, and the blank tokens (only whitespace), before which a completion has not begun."""
+    def _stop_tokens(self, stop: tuple[str, ...]) -> Stops | None:
+        """The tokens whose text holds one of the stop strings and the blank ones (only whitespace), before which a
+        completion has not begun: found once per set of stop strings, over the whole logits width (a model's
+        vocabulary may be padded past its tokenizer's; those ids are neither)."""
         if not stop:
             return None
         if any(not s for s in stop):
             raise ValueError("generate(stop=...): an empty stop string would end every completion at once")
         if stop not in self._stop_cache:
             pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-            holds = torch.tensor([any(s in piece for s in stop) for piece in pieces], device=self.device)
-            blank = torch.tensor([not piece.strip() for piece in pieces], device=self.device)
-            self._stop_cache[stop] = (holds, blank)
+            holds = {i for i, piece in enumerate(pieces) if any(s in piece for s in stop)}
+            blank = {i for i, piece in enumerate(pieces) if not piece.strip()}
+            width = max(len(pieces), self.model.get_output_embeddings().out_features)
+            masks = [torch.zeros(width, dtype=torch.bool) for _ in range(2)]
+            for mask, ids in zip(masks, (holds, blank)):
+                mask[sorted(ids)] = True
+            self._stop_cache[stop] = Stops(frozenset(holds), frozenset(blank), masks[0].to(self.device),
+                                           masks[1].to(self.device))
         return self._stop_cache[stop]
 
     def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                         greedy: bool, reference: bool | str,
-                        stops: tuple[torch.Tensor, torch.Tensor] | None) -> list[Generation]:
+                        stops: Stops | None) -> list[Generation]:
         """Our own decode loop rather than `model.generate`: each distinct prompt is prefilled once and its KV
         cache gathered to its samples, tokens are drawn by `sample_tokens`, and log p(token) at temperature T is
         recorded as drawn. Tokens and log-probs stay on the device until the end, and "all rows done?" is asked
@@ -311,7 +328,7 @@ class HFBackend(Backend):
                 steps = step + 1
                 done |= torch.isin(token, eos)
                 if stops is not None:  # a stop string ends a completion once it has begun: blank lines before don't
-                    holds, blank = stops[0][token], stops[1][token]
+                    holds, blank = stops.holds_mask[token], stops.blank_mask[token]
                     done |= holds & (begun | ~blank)
                     begun |= ~blank
                 if steps == max_new_tokens or (steps % self.done_check_every == 0 and bool(done.all())):
@@ -332,15 +349,16 @@ class HFBackend(Backend):
             self.generated_tokens += length
         return gens
 
-    def _end(self, tokens: list[int], stops: tuple[torch.Tensor, torch.Tensor] | None) -> int | None:
-        """Where a row's completion ends: its first end token, or its first stop token once it has begun."""
+    def _end(self, tokens: list[int], stops: Stops | None) -> int | None:
+        """Where a row's completion ends: its first end token, or its first stop token once it has begun (the
+        decode loop's rule, on the host)."""
         begun = False
         for i, tok in enumerate(tokens):
             if tok in self.eos_ids:
                 return i
             if stops is not None:
-                holds, blank = bool(stops[0][tok]), bool(stops[1][tok])
-                if holds and (begun or not blank):
+                blank = tok in stops.blank
+                if tok in stops.holds and (begun or not blank):
                     return i
                 begun |= not blank
         return None

@@ -136,18 +136,27 @@ def _as_written(entry: Any) -> Any:
     return out
 
 
-def parse_rubric(text: str, max_criteria: int = MAX_CRITERIA) -> tuple[list[Criterion] | None, str | None]:
-    """A rubric a model wrote in free text: (criteria, None), or (None, why not). Never raises on model text."""
-    if not isinstance(text, str):
-        return None, "not text"
+def first_json(text: str) -> tuple[Any, str | None]:
+    """The first JSON value a model wrote: in the first ```json (or bare ```) block if there is one, starting at
+    its first `[` or `{`, trailing text allowed. (value, None), or (None, why not); never raises on model text."""
     body = _json_text(text)
     starts = [i for i in (body.find("["), body.find("{")) if i >= 0]
     if not starts:
-        return None, "no JSON rubric in the text"
+        return None, "no JSON in the text"
     try:
         value, _ = json.JSONDecoder().raw_decode(body, min(starts))
     except (ValueError, RecursionError) as exc:
         return None, f"not JSON ({getattr(exc, 'msg', type(exc).__name__)})"
+    return value, None
+
+
+def parse_rubric(text: str, max_criteria: int = MAX_CRITERIA) -> tuple[list[Criterion] | None, str | None]:
+    """A rubric a model wrote in free text: (criteria, None), or (None, why not). Never raises on model text."""
+    if not isinstance(text, str):
+        return None, "not text"
+    value, problem = first_json(text)
+    if problem:
+        return None, "no JSON rubric in the text" if problem == "no JSON in the text" else problem
     if isinstance(value, dict):
         if "criteria" not in value:
             return None, 'an object without "criteria"'

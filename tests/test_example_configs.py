@@ -30,6 +30,11 @@ EXPECTED = {  # file -> (game, judge, what sets it apart)
                                               "optimizer.lr": 1e-6, "game.executor.require": ["network",
                                                                                           "filesystem",
                                                                                           "processes"]}),
+    "pop-paper-pairs.yaml": ("pop", "rubric", {"game.variant": "pairs", "optimizer.name": "dpo",
+                                               "optimizer.beta": 0.01, "optimizer.lr": 1e-6,
+                                               "game.max_document_words": 1024, "game.structure": "json"}),
+    "pop-paper-online.yaml": ("pop", "rubric", {"game.variant": "online", "game.train_writers": True,
+                                                "optimizer.lr": 1e-6, "game.max_document_words": 1024}),
 }
 
 

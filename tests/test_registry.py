@@ -22,9 +22,9 @@ from arena.registry import load_registry
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
 
 BUILTINS = {
-    "game": {"prompts": "prompts", "lsp": "lsp", "spin": "spin", "azr": "azr"},
+    "game": {"prompts": "prompts", "lsp": "lsp", "spin": "spin", "azr": "azr", "pop": "pop"},
     "judge": {"self_reward": "judges", "llm_judge": "judges", "reward_model": "judges", "exact_match": "judges",
-              "mix": "judges"},
+              "mix": "judges", "rubric": "rubric"},
     "optimizer": {"grpo": "grpo", "dpo": "dpo", "mix": "mix_optimizer"},
     "backend": {"hf": "hf"},
     "logger": {"console": "loggers", "plain": "loggers"},
