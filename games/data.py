@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import random
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,23 +74,29 @@ def sharegpt_pairs() -> list[dict[str, str]]:
     return records
 
 
-def load_prompt_file(path: str, key: str = "game.dataset") -> list[dict[str, Any]]:
-    """Records of a JSONL file with a string `prompt` and an optional `answer` (or `response`) per line."""
-    p = Path(path)
-    if not p.is_file():
-        raise ArenaError(f"{key} {path}: no such file; expected sharegpt, arithmetic or a JSONL file")
-    records = []
+def jsonl_records(path: Path, key: str) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded value) of each non-blank line of a user's JSONL file; an unreadable file or a line
+    that is not JSON is one line naming the config key, the file and the line."""
     try:
-        lines = p.read_text(encoding="utf-8").split("\n")
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit inside a string
     except (OSError, UnicodeDecodeError) as exc:
         raise ArenaError(f"{key} {path}: cannot read it ({exc})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             raise ArenaError(f"{key} {path}:{number}: not valid JSON ({exc.msg})") from None
+
+
+def load_prompt_file(path: str, key: str = "game.dataset") -> list[dict[str, Any]]:
+    """Records of a JSONL file with a string `prompt` and an optional `answer` (or `response`) per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ArenaError(f"{key} {path}: no such file; expected sharegpt, arithmetic or a JSONL file")
+    records = []
+    for number, record in jsonl_records(p, key):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
             raise ArenaError(f"{key} {path}:{number}: expected an object with a non-empty string \"prompt\"")
         answer = record.get("answer", record.get("response"))
@@ -163,17 +170,7 @@ def load_documents(corpus: str, key: str = "game.corpus") -> list[dict[str, str]
         raise ArenaError(f"{key} {corpus}: no such file or folder; expected pydoc, a JSONL file of "
                          "{\"text\": ...} records or a folder of .txt files")
     documents = []
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ArenaError(f"{key} {corpus}: cannot read it ({exc})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ArenaError(f"{key} {corpus}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record in jsonl_records(path, key):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ArenaError(f"{key} {corpus}:{number}: expected an object with a string \"text\"")
         documents.append({"title": str(record.get("title", record.get("id", f"line {number}"))),

@@ -9,11 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from arena.config import resolve
 from arena.errors import ArenaError, ConfigError
-from arena.interfaces import Env, Judge, Policy
+from arena.interfaces import Judge
 from arena.plugins.judges import (
     SELF_REWARD_TEMPLATE,
     ExactMatch,
@@ -30,21 +28,13 @@ from arena.plugins.judges import (
     parse_score,
 )
 from arena.registry import Entry, load_registry
-from arena.types import Generation, JudgeItem, Verdict
-from tiny import make_backend
+from arena.types import JudgeItem, Verdict
+from tiny import ScriptedReplies, env_with, make_backend
 
 
 def item(response: str, reference: str | None = None, question: str = "What is 40 + 2?") -> JudgeItem:
     return JudgeItem(prompt=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}],
                      response=response, reference=reference)
-
-
-def env_with(policy=None, registry=None, model_path=None) -> Env:
-    registry = registry or load_registry()
-    overrides = ["model.dtype=float32", "model.lora.r=4"]  # exact comparisons
-    if model_path is not None:
-        overrides.append(f"model.path={model_path}")
-    return Env(config=resolve(registry, "prompts", overrides=overrides).config, registry=registry, policy=policy)
 
 
 # -- parse_score ----------------------------------------------------------------------------------------------
@@ -66,56 +56,10 @@ def test_parse_score(text, max_score, expected):
     assert parse_score(text, max_score) == expected
 
 
-# -- a stub policy for text mode ------------------------------------------------------------------------------
-
-class StubPolicy(Policy):
-    """Replies with fixed texts; digits are single tokens."""
-
-    def __init__(self, replies: Sequence[str], digits: bool = True):
-        self.replies = list(replies)
-        self.digits = digits
-        self.calls: list[dict] = []
-
-    def encode_chat(self, messages, add_generation_prompt=True):
-        return [ord(c) for m in messages for c in m["content"]]
-
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def token_id(self, text):
-        if self.digits and len(text) == 1 and text.isdigit():
-            return 1000 + int(text)
-        raise ValueError(text)
-
-    def generate(self, prompts, *, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, greedy=False,
-                 reference=False):
-        self.calls.append({"prompts": prompts, "n": n, "max_new_tokens": max_new_tokens, "greedy": greedy,
-                           "reference": reference})
-        return [[Generation([], [1], [0.0], text=self.replies[i % len(self.replies)])] for i in range(len(prompts))]
-
-    def next_token_logprobs(self, prompts, candidates, *, reference=False):
-        raise AssertionError("text mode must not score constrained")
-
-    def sequence_logprobs(self, prompt_ids, completion_ids, *, temperature=1.0, reference=False):
-        raise NotImplementedError
-
-    def trainable_parameters(self):
-        return []
-
-    def save(self, path):
-        raise NotImplementedError
-
-    def load(self, path):
-        raise NotImplementedError
-
-
 def test_text_mode_without_a_score_is_invalid_not_zero():
     replies = ["It is a fine answer, I would say.", "<Score>5</Score>", "<Score>9</Score>",
                "<score> 3 </score> then <Score>6</Score>"]
-    stub = StubPolicy(replies)
+    stub = ScriptedReplies(replies)
     judge = SelfReward(SelfRewardOptions(mode="text", max_new_tokens=12), env_with(stub))
     verdicts = judge.judge([item(f"answer {i}") for i in range(4)])
     assert [v.valid for v in verdicts] == [False, True, False, True]
@@ -132,7 +76,7 @@ def test_text_mode_without_a_score_is_invalid_not_zero():
 
 
 def test_custom_template_and_bad_mode():
-    stub = StubPolicy(["<Score>4</Score>"])
+    stub = ScriptedReplies(["<Score>4</Score>"])
     judge = SelfReward(SelfRewardOptions(mode="text", template="Q={query} R={response}"), env_with(stub))
     assert judge.judge([item("yes")])[0].score == 4.0
     assert stub.calls[0]["prompts"][0][0]["content"] == "Q=What is 40 + 2? R=yes"
@@ -144,7 +88,7 @@ def test_custom_template_and_bad_mode():
 
 def test_prompted_judge_needs_single_token_digits():
     with pytest.raises(ArenaError, match="mode=text"):
-        SelfReward(SelfRewardOptions(), env_with(StubPolicy(["x"], digits=False)))
+        SelfReward(SelfRewardOptions(), env_with(ScriptedReplies(["x"], digits=False)))
 
 
 # -- constrained scoring on the tiny model --------------------------------------------------------------------
@@ -379,7 +323,7 @@ def test_llm_judge_on_the_policy_reference(policy):
 
 
 def test_llm_judge_text_mode():
-    stub = StubPolicy(["<Score>9</Score>", "<Score>3</Score>", "nine"])
+    stub = ScriptedReplies(["<Score>9</Score>", "<Score>3</Score>", "nine"])
     judge = LLMJudge(LLMJudgeOptions(mode="text", max_score=9), env_with(stub))
     assert [(v.valid, v.score if v.valid else None) for v in judge.judge([item("a"), item("b"), item("c")])] == \
         [(True, 9.0), (True, 3.0), (False, None)]

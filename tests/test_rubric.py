@@ -5,14 +5,11 @@ the judge cannot use is an invalid verdict, never a crash or a silent 0."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import pytest
 import torch
 
-from arena.config import resolve
 from arena.errors import ConfigError
-from arena.interfaces import Env, Policy
 from arena.plugins.rubric import (
     MAX_CRITERIA,
     RUBRIC_TEMPLATE,
@@ -25,8 +22,8 @@ from arena.plugins.rubric import (
     rubric_score,
 )
 from arena.registry import load_registry
-from arena.types import Generation, JudgeItem
-from tiny import make_backend
+from arena.types import JudgeItem
+from tiny import ScriptedReplies, env_with, make_backend
 
 QUESTION = "When was the Eiffel Tower finished, and how tall is it?"
 RUBRIC = [{"criterion": "Gives the year it was finished", "gold": "1889", "weight": 3},
@@ -37,12 +34,6 @@ def item(response: str, rubric=RUBRIC, reference: str | None = None) -> JudgeIte
     metadata = {} if rubric is None else {"rubric": rubric}
     return JudgeItem(prompt=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}],
                      response=response, reference=reference, metadata=metadata)
-
-
-def env_with(policy=None, registry=None) -> Env:
-    registry = registry or load_registry()
-    config = resolve(registry, "prompts", overrides=["model.dtype=float32", "model.lora.r=4"]).config
-    return Env(config=config, registry=registry, policy=policy)
 
 
 # -- rubric_score ---------------------------------------------------------------------------------------------
@@ -217,55 +208,12 @@ def test_parse_rating(text, expected):
 
 # -- text mode with scripted replies --------------------------------------------------------------------------
 
-class ScriptedPolicy(Policy):
-    """Replies to the i-th prompt of a call with the i-th scripted text; digits are single tokens."""
-
-    def __init__(self, replies: Sequence[str]):
-        self.replies = list(replies)
-        self.calls: list[dict] = []
-
-    def encode_chat(self, messages, add_generation_prompt=True):
-        return [ord(c) for m in messages for c in m["content"]]
-
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def token_id(self, text):
-        if len(text) == 1 and text.isdigit():
-            return 1000 + int(text)
-        raise ValueError(text)
-
-    def generate(self, prompts, *, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, greedy=False,
-                 reference=False):
-        self.calls.append({"prompts": prompts, "n": n, "max_new_tokens": max_new_tokens, "greedy": greedy,
-                           "reference": reference})
-        return [[Generation([], [1], [0.0], text=self.replies[i])] for i in range(len(prompts))]
-
-    def next_token_logprobs(self, prompts, candidates, *, reference=False):
-        raise AssertionError("text mode must not score constrained")
-
-    def sequence_logprobs(self, prompt_ids, completion_ids, *, temperature=1.0, reference=False):
-        raise NotImplementedError
-
-    def trainable_parameters(self):
-        return []
-
-    def save(self, path):
-        raise NotImplementedError
-
-    def load(self, path):
-        raise NotImplementedError
-
-
 def test_text_mode_with_scripted_replies():
     three = [*RUBRIC, {"criterion": "Names the architect", "gold": "Gustave Eiffel", "weight": 2}]
     replies = ["<Rating>2</Rating>", "Partly. <Rating>1</Rating>",  # item 0: RUBRIC
                "<Rating>1</Rating>", "no idea", "<Rating>2</Rating>",  # item 2: three criteria, the 2nd unreadable
                "<Rating>0</Rating>", "<Rating>2</Rating>", "<Rating>1</Rating>"]  # item 3: three criteria
-    stub = ScriptedPolicy(replies)
+    stub = ScriptedReplies(replies)
     judge = RubricJudge(RubricJudgeOptions(mode="text", max_new_tokens=7), env_with(stub))
     verdicts = judge.judge([item("1889, 330 m"), item("1889", rubric=None), item("Eiffel", three),
                             item("In 1900", three)])
@@ -291,7 +239,7 @@ def test_text_mode_with_scripted_replies():
 
 
 def test_custom_template():
-    stub = ScriptedPolicy(["<Rating>1</Rating>"])
+    stub = ScriptedReplies(["<Rating>1</Rating>"])
     judge = RubricJudge(RubricJudgeOptions(mode="text", template="{criterion}|{gold}|{question}|{response}"),
                         env_with(stub))
     (v,) = judge.judge([item("yes", rubric=[criterion()])])
@@ -435,7 +383,7 @@ def test_a_model_of_its_own(policy, tiny_model_dir):
 def test_config_errors_name_the_key(spec, path):
     registry = load_registry()
     with pytest.raises(ConfigError) as exc:
-        registry.build("judge", {"name": "rubric", **spec}, env_with(ScriptedPolicy([]), registry))
+        registry.build("judge", {"name": "rubric", **spec}, env_with(ScriptedReplies([]), registry))
     assert exc.value.path == path
     if "model" in spec:
         assert "no such file or folder" in exc.value.detail

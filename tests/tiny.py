@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from arena.config import resolve
-from arena.interfaces import Env
+from arena.interfaces import Env, Policy
 from arena.registry import load_registry
+from arena.types import Generation
 
 
 def make_env(model_dir, **lora) -> Env:
@@ -84,3 +86,56 @@ def kill_after_checkpoint(args: list[str], run: Path, iteration: int = 1, timeou
     time.sleep(linger)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
+
+
+def env_with(policy=None, registry=None, model_path=None) -> Env:
+    registry = registry or load_registry()
+    overrides = ["model.dtype=float32", "model.lora.r=4"]  # exact comparisons
+    if model_path is not None:
+        overrides.append(f"model.path={model_path}")
+    return Env(config=resolve(registry, "prompts", overrides=overrides).config, registry=registry, policy=policy)
+
+
+class ScriptedReplies(Policy):
+    """A policy whose generations are fixed texts (the i-th prompt of a call gets reply i, cycling), with one-character
+    tokens and single-token digits unless `digits=False`: for judges' text modes."""
+
+    def __init__(self, replies: Sequence[str], digits: bool = True):
+        self.replies = list(replies)
+        self.digits = digits
+        self.calls: list[dict] = []
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        return [ord(c) for m in messages for c in m["content"]]
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def token_id(self, text):
+        if self.digits and len(text) == 1 and text.isdigit():
+            return 1000 + int(text)
+        raise ValueError(text)
+
+    def generate(self, prompts, *, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, greedy=False,
+                 reference=False):
+        self.calls.append({"prompts": prompts, "n": n, "max_new_tokens": max_new_tokens, "greedy": greedy,
+                           "reference": reference})
+        return [[Generation([], [1], [0.0], text=self.replies[i % len(self.replies)])] for i in range(len(prompts))]
+
+    def next_token_logprobs(self, prompts, candidates, *, reference=False):
+        raise AssertionError("text mode must not score constrained")
+
+    def sequence_logprobs(self, prompt_ids, completion_ids, *, temperature=1.0, reference=False):
+        raise NotImplementedError
+
+    def trainable_parameters(self):
+        return []
+
+    def save(self, path):
+        raise NotImplementedError
+
+    def load(self, path):
+        raise NotImplementedError
