@@ -119,6 +119,12 @@ class Policy(ABC):
     def load(self, path: str) -> None:
         """Read weights written by `save`; its frozen adapters replace the current ones (none saved: none)."""
 
+    def export_merged(self, path: str) -> None:
+        """Write the model with the trained weights merged in, as a plain model folder other tools load without
+        arena (for transformers: config, tokenizer, safetensors). It may spend the policy: call it last. Not
+        abstract: a backend without it keeps working until someone exports."""
+        raise NotImplementedError("this backend cannot export a merged model")
+
 
 class Backend(Policy, ABC):
     """A registered provider of a Policy: `backend: {name: hf, ...}` in the config. Built once per run after the

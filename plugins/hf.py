@@ -505,6 +505,16 @@ class HFBackend(Backend):
         self._frozen = frozen
 
 
+    def export_merged(self, path: str) -> None:
+        """The base model with the LoRA adapter merged into its weights (peft's `merge_and_unload`, in place: no
+        second copy of the model, and this policy has no adapter afterwards), saved with the tokenizer and the
+        standard attention so that `AutoModelForCausalLM.from_pretrained(path)` needs nothing of arena."""
+        merged = self.model.merge_and_unload()
+        merged.set_attn_implementation("sdpa")
+        merged.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
 @hookimpl
 def register_backends(register: Any) -> None:
     register("hf", HFBackend)

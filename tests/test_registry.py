@@ -146,6 +146,7 @@ def test_builtins_load_through_entry_points(clean_env):
             assert registry.entries[kind][name].plugin == plugin, (kind, name)
         assert set(names) <= set(registry.names(kind))
     assert registry.names("judge") == sorted(registry.names("judge"))
+    assert registry.commands["export"].plugin == "commands"  # built-in commands come through the entry point too
     assert registry.entries["judge"]["exact_match"].help.startswith("1.0 when")  # first docstring line
 
 
