@@ -1,11 +1,16 @@
-"""Built-in loggers: `console` (a live rich status line plus a line per iteration) and `plain` (the lines only,
-for logs and CI). Loggers are plugins registered for the length of a run, so they see every lifecycle hook."""
+"""Built-in loggers: `console` (a live rich status line plus a line per iteration), `plain` (the lines only, for
+logs and CI), `csv` (metrics.csv in the run folder) and `tensorboard` (event files, with the `tensorboard` extra).
+Loggers are plugins registered for the length of a run, so they see every lifecycle hook."""
 
 from __future__ import annotations
 
+import csv
+import math
 import sys
+from pathlib import Path
 from typing import Any
 
+from arena.errors import ArenaError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Logger
 
@@ -108,7 +113,68 @@ class ConsoleLogger(PlainLogger):
         super().arena_run_end(run, error)
 
 
+def write_metrics_csv(metrics_jsonl: Path, out: Path) -> None:
+    """metrics.jsonl as a table: one row per iteration, one column per metric (empty where an iteration has none),
+    written beside and renamed into place."""
+    from arena.runstore import read_jsonl
+
+    records = list(read_jsonl(metrics_jsonl))
+    columns = ["iteration", *sorted({k for r in records for k in r} - {"iteration"})]
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in records)
+    tmp.replace(out)
+
+
+class CSVLogger(Logger):
+    """metrics.csv in the run folder, for spreadsheets and pandas: rewritten from metrics.jsonl after every
+    iteration, so it always holds what the run store holds (a resumed run's replayed rounds once)."""
+
+    @hookimpl
+    def arena_metrics(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+        write_metrics_csv(Path(run.dir) / "metrics.jsonl", Path(run.dir) / "metrics.csv")
+
+
+TENSORBOARD_INSTALL = "pip install 'arena-selfplay[tensorboard]'"
+
+
+class TensorBoardLogger(Logger):
+    """TensorBoard event files in <run>/tensorboard, a scalar per metric and iteration (`tensorboard --logdir
+    runs`). A resumed run drops the steps it replays from the earlier files (`purge_step`)."""
+
+    def __init__(self, options: Any, env: Any):
+        super().__init__(options, env)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ArenaError(f"run.loggers: tensorboard needs the tensorboard package; run `{TENSORBOARD_INSTALL}`") \
+                from None
+        self._writer_class = SummaryWriter
+        self.writer: Any = None
+
+    @hookimpl
+    def arena_run_start(self, run: Any) -> None:
+        purge = run.start_iteration if run.start_iteration > 1 else None
+        self.writer = self._writer_class(log_dir=str(Path(run.dir) / "tensorboard"), purge_step=purge)
+
+    @hookimpl
+    def arena_metrics(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    @hookimpl
+    def arena_run_end(self, run: Any, error: BaseException | None) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 @hookimpl
 def register_loggers(register: Any) -> None:
     register("console", ConsoleLogger)
     register("plain", PlainLogger)
+    register("csv", CSVLogger)
+    register("tensorboard", TensorBoardLogger)
