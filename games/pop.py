@@ -534,7 +534,8 @@ class PopGame(Game):
     def _report(self, ctx: RoundContext, problems: Sequence[Problem]) -> None:
         posed = [p for p in problems if p.task_error is None]
         ctx.metrics["pop/valid_tasks"] = len(posed) / len(problems)
-        ctx.metrics["pop/valid_rubrics"] = (sum(p.rubric is not None for p in posed) / len(posed)) if posed else 0.0
+        if posed:  # no task posed: no rubric was written, so there is no share (not a share of 0)
+            ctx.metrics["pop/valid_rubrics"] = sum(p.rubric is not None for p in posed) / len(posed)
         scores = [s for p in posed for s in p.scores if s is not None]
         if scores:
             ctx.metrics["pop/score"] = sum(scores) / len(scores)

@@ -1,5 +1,6 @@
-"""Built-in commands that work on finished runs, registered through the same `register_commands` hook a
-plugin's commands use: `arena export RUN OUT` (the trained model as a plain transformers folder)."""
+"""Built-in commands that work on runs, registered through the same `register_commands` hook a plugin's commands
+use: `arena export RUN OUT` (the trained model as a plain transformers folder) and `arena report RUN [RUN ...]`
+(plots, a summary and the best and worst samples)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,33 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders; several are overlaid in each plot")
+    parser.add_argument("--out", metavar="DIR", help="where to write the report (default: <first RUN>/report)")
+    parser.add_argument("--iterations", metavar="I,J", help="iterations whose best and worst samples to show "
+                                                             "(default: the first and the last)")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from arena.registry import load_registry
+    from arena.report import report
+
+    iterations = None
+    if args.iterations:
+        try:
+            iterations = [int(x) for x in args.iterations.split(",") if x.strip()]
+        except ValueError:
+            raise ArenaError(f"--iterations {args.iterations}: expected iteration numbers separated by commas, "
+                             "e.g. 1,10") from None
+    files, lines = report(args.runs, args.out, iterations, load_registry())
+    print("\n".join(lines))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 @hookimpl
 def register_commands(register: Any) -> None:
+    register("report", run_report, help="plot runs per iteration, summarise them and show their best and worst "
+                                        "samples", configure=configure_report)
     register("export", run_export, help="save a run's model with its adapter merged, as a plain transformers "
                                         "folder", configure=configure_export)
