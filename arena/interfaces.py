@@ -258,7 +258,16 @@ class Game(ABC):
         """Run one round and return its Samples with rewards filled in (None for invalid verdicts)."""
 
     def evaluate(self, ctx: "RoundContext") -> dict[str, float]:
-        """Score held-out work (greedy); keys are logged under `eval/`. Optional."""
+        """Score held-out work (greedy); keys are logged under `eval/`. Optional; by default the means of
+        `evaluate_items`."""
+        from arena.types import item_means
+
+        return item_means(self.evaluate_items(ctx))
+
+    def evaluate_items(self, ctx: "RoundContext") -> dict[str, Any]:
+        """Held-out results per item, the source of `evaluate`'s means and of confidence intervals: for each key
+        a list with one number per held-out prompt or task (1.0/0.0 for a success), or a plain number for a
+        count. A game that overrides `evaluate` instead gives means only."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

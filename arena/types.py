@@ -134,10 +134,19 @@ class Verdict:
         return cls(score=float("nan"), valid=False, details={"error": reason, **details})
 
 
-def score_summary(verdicts: list[Verdict]) -> dict[str, float]:
-    """`valid_frac`, and the mean `score` of the valid verdicts when there is one: a game's held-out metrics."""
-    valid = [v.score for v in verdicts if v.valid]
-    out = {"valid_frac": len(valid) / len(verdicts)} if verdicts else {}
-    if valid:
-        out["score"] = sum(valid) / len(valid)
+def verdict_items(verdicts: list[Verdict]) -> dict[str, list[float]]:
+    """A judge's held-out verdicts per item: `score` of each valid one, `valid_frac` 1.0 or 0.0 for each."""
+    return {"score": [v.score for v in verdicts if v.valid], "valid_frac": [1.0 if v.valid else 0.0 for v in verdicts]}
+
+
+def item_means(items: dict[str, Any]) -> dict[str, float]:
+    """A game's held-out metrics from its per-item results: the mean of each list (an empty one gives no key), a
+    plain number (a count) as it is."""
+    out = {}
+    for key, value in items.items():
+        if isinstance(value, list):
+            if value:
+                out[key] = sum(value) / len(value)
+        else:
+            out[key] = float(value)
     return out

