@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import select
 import shutil
 import struct
 import subprocess
@@ -29,7 +28,7 @@ from arena.config import option
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Executor
-from arena.plugins.sandbox_worker import PIPE_BYTES
+from arena.plugins.sandbox_worker import PIPE_BYTES, read_exactly
 from arena.types import Execution, Job
 
 WORKER = Path(__file__).with_name("sandbox_worker.py")
@@ -103,17 +102,7 @@ class _Worker:
         return None if body is None else json.loads(body)
 
     def _read_exactly(self, n: int, deadline: float) -> bytes | None:
-        fd, chunks, got = self.proc.stdout.fileno(), [], 0
-        while got < n:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return None
-            chunk = os.read(fd, n - got)
-            if not chunk:
-                return None
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
+        return read_exactly(self.proc.stdout.fileno(), n, deadline)
 
     def kill(self) -> None:
         """Stop the worker and remove its folder; never raises (it runs while handling a failure)."""

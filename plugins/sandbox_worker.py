@@ -354,15 +354,20 @@ def confine_child(limits: dict, scratch: str, ruleset_fd: int, result_fd: int, o
 # by a later job; this way nothing of one job's results is there for the next.
 
 def read_message(fd: int) -> dict | None:
-    head = _read_exactly(fd, 4)
+    head = read_exactly(fd, 4)
     if head is None:
         return None
-    return json.loads(_read_exactly(fd, struct.unpack(">I", head)[0]) or b"null")
+    return json.loads(read_exactly(fd, struct.unpack(">I", head)[0]) or b"null")
 
 
-def _read_exactly(fd: int, n: int) -> bytes | None:
+def read_exactly(fd: int, n: int, deadline: float | None = None) -> bytes | None:
+    """n bytes from fd, or None at end of file or once the `time.monotonic()` deadline passes (if one is given)."""
     chunks, got = [], 0
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
         chunk = os.read(fd, n - got)
         if not chunk:
             return None
