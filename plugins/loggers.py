@@ -1,11 +1,14 @@
 """Built-in loggers: `console` (a live rich status line plus a line per iteration), `plain` (the lines only, for
-logs and CI), `csv` (metrics.csv in the run folder) and `tensorboard` (event files, with the `tensorboard` extra).
+logs and CI), `csv` (metrics.csv in the run folder), `tensorboard` (event files, with the `tensorboard` extra) and
+`wandb` (offline Weights & Biases files, with the `wandb` extra).
 Loggers are plugins registered for the length of a run, so they see every lifecycle hook."""
 
 from __future__ import annotations
 
 import csv
 import math
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -172,9 +175,72 @@ class TensorBoardLogger(Logger):
             self.writer.close()
 
 
+WANDB_INSTALL = "pip install 'arena-selfplay[wandb]'"
+
+
+def finite_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers a tracker can plot (metrics.jsonl writes the others as null)."""
+    return {k: v for k, v in metrics.items() if k != "iteration" and isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+class WandbLogger(Logger):
+    """A Weights & Biases run in offline mode in <run>/wandb (`wandb sync <run>/wandb/offline-run-*` uploads it, if
+    ever): the resolved config (config.yaml) and a history row per iteration at step = iteration; project
+    $WANDB_PROJECT or `arena`, name the run folder's.
+
+    Never the network: besides the run's offline mode, WANDB_MODE=offline and WANDB_ERROR_REPORTING=false are set
+    for this process, as W&B's analytics read those (not the run's settings) and would otherwise probe its server.
+    W&B cannot drop logged steps, so each start, a resume's too, writes the folder anew under the same run id
+    (<run>/wandb/run_id): the iterations metrics.jsonl holds, then the live ones. As with `tensorboard`'s
+    purge_step, the files hold what the run store holds: a replayed iteration once, with its new values."""
+
+    def __init__(self, options: Any, env: Any):
+        super().__init__(options, env)
+        try:
+            import wandb
+        except ImportError:
+            raise ArenaError(f"run.loggers: wandb needs the wandb package; run `{WANDB_INSTALL}`") from None
+        os.environ["WANDB_MODE"] = "offline"  # read when W&B sets up; else its analytics would probe the server
+        os.environ["WANDB_ERROR_REPORTING"] = "false"
+        os.environ["WANDB_SILENT"] = "true"  # also what older versions print before reading their settings
+        self._wandb = wandb
+        self.wb: Any = None
+
+    @hookimpl
+    def arena_run_start(self, run: Any) -> None:
+        import yaml
+
+        from arena.runstore import read_jsonl
+
+        root = Path(run.dir).resolve()
+        folder, id_file = root / "wandb", root / "wandb" / "run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        settings = self._wandb.Settings(mode="offline", silent=True, console="off",  # arena's display stays whole
+                                        x_disable_stats=True, x_disable_machine_info=True)  # no system probes
+        self.wb = self._wandb.init(dir=str(root), id=run_id, project=os.environ.get("WANDB_PROJECT", "arena"),
+                                   name=root.name, config=yaml.safe_load((root / "config.yaml").read_text()),
+                                   settings=settings)
+        id_file.write_text(self.wb.id)
+        for record in read_jsonl(root / "metrics.jsonl"):
+            self.wb.log(finite_values(record), step=record["iteration"], commit=True)
+
+    @hookimpl
+    def arena_metrics(self, run: Any, step: int, metrics: dict[str, float]) -> None:
+        self.wb.log(finite_values(metrics), step=step, commit=True)
+
+    @hookimpl
+    def arena_run_end(self, run: Any, error: BaseException | None) -> None:
+        if self.wb is not None:  # flushes the files and marks the run finished (or failed)
+            self.wb.finish(exit_code=0 if error is None else 1)
+            self.wb = None
+
+
 @hookimpl
 def register_loggers(register: Any) -> None:
     register("console", ConsoleLogger)
     register("plain", PlainLogger)
     register("csv", CSVLogger)
     register("tensorboard", TensorBoardLogger)
+    register("wandb", WandbLogger)

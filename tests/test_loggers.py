@@ -110,11 +110,106 @@ def test_tensorboard_event_files_hold_the_runs_metrics_once_per_step(tiny_config
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), key
 
 
-def test_a_missing_tracker_package_names_the_extra(tiny_config, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("logger, module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
+def test_a_missing_tracker_package_names_the_extra(tiny_config, tmp_path, capsys, monkeypatch, logger, module):
     import sys
 
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
-    assert _tracker_run(tiny_config, tmp_path, "[tensorboard]", 1) == 2
+    monkeypatch.setitem(sys.modules, module, None)  # as if the package were not installed
+    assert _tracker_run(tiny_config, tmp_path, f"[{logger}]", 1) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "pip install 'arena-selfplay[tensorboard]'" in err, err
+    assert len(err.splitlines()) == 1 and f"pip install 'arena-selfplay[{logger}]'" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def _wandb_records(run):
+    """The records of the run's offline .wandb file, as W&B's own reader prints them (`wandb leet inspect --json`,
+    one JSON object per record)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files  # a resume rewrites the folder: one W&B log, never an old one beside it
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(files[0])],
+                         capture_output=True, text=True, timeout=60, check=True,
+                         env={**os.environ, "WANDB_MODE": "offline", "WANDB_ERROR_REPORTING": "false"})
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_wandb_offline_files_hold_the_runs_metrics_and_config_once_per_step(tiny_config, tmp_path, capsys,
+                                                                             monkeypatch):
+    import shutil
+
+    import yaml
+
+    from arena.runstore import read_jsonl
+
+    for name in ("WANDB_MODE", "WANDB_ERROR_REPORTING", "WANDB_SILENT"):  # the logger sets them for the process:
+        monkeypatch.setenv(name, "")  # recorded, so that they are restored after the test
+        monkeypatch.delenv(name)
+    run = tmp_path / "run"
+    assert _tracker_run(tiny_config, tmp_path, "[plain,wandb]", 3) == 0
+    run_id = (run / "wandb" / "run_id").read_text()
+    first = [r["history"]["item"] for r in _wandb_records(run) if r["type"] == "history"]
+    shutil.rmtree(run / "checkpoints" / "000003")  # as if killed before the last checkpoint was complete
+    assert _tracker_run(tiny_config, tmp_path, None, 3, resume=True) == 0  # replays iteration 3
+    assert "resuming at iteration 3" in capsys.readouterr().out
+
+    records = _wandb_records(run)
+    metrics = list(read_jsonl(run / "metrics.jsonl"))
+    history = [r["history"] for r in records if r["type"] == "history"]
+    assert [h["step"].get("num", 0) for h in history] == [m["iteration"] for m in metrics] == [0, 1, 2, 3]
+    for h, m in zip(history, metrics):  # every value W&B holds is the run store's, and nothing more
+        got = {k: v for k, v in h["item"].items() if not k.startswith("_")}
+        want = {k: v for k, v in m.items() if k != "iteration" and v is not None}
+        assert got.keys() == want.keys(), m["iteration"]
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-12), (m["iteration"], key)
+    assert "loss" in history[1]["item"] and "eval/score" in history[0]["item"]
+    assert history[3]["item"]["time/iteration"] != first[3]["time/iteration"]  # the replay's values, not the first
+
+    run_record = next(r["run"] for r in records if r["type"] == "run")
+    assert run_record["run_id"] == run_id and run_record["display_name"] == "run" and run_record["project"] == "arena"
+    config = {k: v for k, v in run_record["config"]["update"].items() if k != "_wandb"}
+    assert config == yaml.safe_load((run / "config.yaml").read_text())
+    assert config["run"]["loggers"] == ["plain", "wandb"]
+    assert [r["exit"].get("exit_code", 0) for r in records if r["type"] == "exit"] == [0]  # finished
+
+
+NO_NETWORK = """
+import socket, sys
+from pathlib import Path
+from types import SimpleNamespace
+
+def no_network(host, *args, **kwargs):
+    print(f"network lookup: {host}", file=sys.stderr, flush=True)
+    raise OSError("no network")
+
+socket.getaddrinfo = no_network
+from arena.plugins.loggers import WandbLogger
+
+run = SimpleNamespace(dir=Path(sys.argv[1]), start_iteration=1)
+logger = WandbLogger(None, None)
+logger.arena_run_start(run)
+logger.arena_metrics(run, 1, {"loss": 0.5})
+logger.arena_run_end(run, None)
+"""
+
+
+def test_the_wandb_logger_never_reaches_for_the_network(tmp_path):
+    """In a process of its own: W&B's analytics would probe its server from a thread, as late as the exit."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run:\n  iterations: 1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    done = subprocess.run([sys.executable, "-c", NO_NETWORK, str(run)], capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert done.returncode == 0 and "network lookup" not in done.stderr, done.stderr
+    assert done.stdout == ""  # and silent: arena's progress display stays whole
+    history = [r["history"] for r in _wandb_records(run) if r["type"] == "history"]
+    assert [(h["step"]["num"], h["item"]["loss"]) for h in history] == [(1, 0.5)]
