@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from arena.types import Execution, Generation, Job, JudgeItem, Messages, Role, Sample, Verdict
+from arena.types import Comparison, Execution, Generation, Job, JudgeItem, Messages, Role, Sample, Verdict
 
 if TYPE_CHECKING:
     import torch
@@ -146,6 +146,36 @@ class Judge(ABC):
     def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         """One Verdict per item, in order."""
 
+    def compare(self, items: Sequence[Comparison]) -> list[Verdict]:
+        """One Verdict per pair, in order, whose score is the probability that `first` is the better response
+        (0.5: neither). A pairwise judge reads it from the judge model; by default each response is scored on
+        its own and the higher score wins (equal scores: 0.5), so every judge can give a win rate."""
+        import json
+
+        unique: dict[str, int] = {}  # each response scored once: a win rate asks both orders of every pair
+        flat: list[JudgeItem] = []
+        where = []
+        for c in items:
+            for response in (c.first, c.second):
+                key = json.dumps([c.prompt, response, c.reference, c.metadata], sort_keys=True, default=str)
+                if key not in unique:
+                    unique[key] = len(flat)
+                    flat.append(JudgeItem(prompt=c.prompt, response=response, reference=c.reference,
+                                          metadata=c.metadata))
+                where.append(unique[key])
+        scored = self.judge(flat)
+        scores = [scored[i] for i in where]
+        verdicts = []
+        for a, b in zip(scores[0::2], scores[1::2]):
+            if not (a.valid and b.valid):
+                bad = a if not a.valid else b
+                verdicts.append(Verdict.invalid(f"{'first' if bad is a else 'second'} response: "
+                                                f"{bad.details.get('error', 'no score')}"))
+            else:
+                verdicts.append(Verdict(1.0 if a.score > b.score else 0.0 if a.score < b.score else 0.5,
+                                        details={"first": a.score, "second": b.score}))
+        return verdicts
+
 
 class Executor(ABC):
     """Runs untrusted Python (a model's programs) where it cannot harm the run or the machine, and reports the
@@ -267,8 +297,18 @@ class Game(ABC):
     def evaluate_items(self, ctx: "RoundContext") -> dict[str, Any]:
         """Held-out results per item, the source of `evaluate`'s means and of confidence intervals: for each key
         a list with one number per held-out prompt or task (1.0/0.0 for a success), or a plain number for a
-        count. A game that overrides `evaluate` instead gives means only."""
-        return {}
+        count. A game that overrides `evaluate` instead gives means only. By default the judge's scores of
+        `held_out_answers`."""
+        from arena.types import verdict_items
+
+        answers = self.held_out_answers(ctx)
+        return verdict_items(ctx.judge.judge(answers)) if answers else {}
+
+    def held_out_answers(self, ctx: "RoundContext") -> list[JudgeItem]:
+        """`ctx.policy`'s greedy answers to the game's open-ended held-out prompts, one JudgeItem per prompt in a
+        fixed order, with what a judge needs (reference, rubric): what `arena eval` compares, trained against
+        base, for a win rate. Empty for a game without open-ended answers (verifiable tasks)."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {}

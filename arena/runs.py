@@ -1,30 +1,56 @@
 """A run folder as something to use after (or while) it plays: its resolved config, its checkpoints, and its
-policy with a checkpoint's adapter loaded. The commands that read runs (`arena export`) start here; the files
-themselves belong to the run store."""
+policy with a checkpoint's adapter loaded. The commands that read runs (`arena export`, `arena eval`) start here;
+the files themselves belong to the run store."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from arena.errors import ArenaError
-from arena.runstore import ADAPTER, RunStore
+from arena.runstore import ADAPTER, CHECKPOINTS, GAME_STATE, RunStore
 
 
 @dataclass
 class TrainedRun:
-    """A run's resolved config (`arena.config.Resolved`), the checkpoint chosen and its iteration."""
+    """A run's resolved config (`arena.config.Resolved`), the checkpoint chosen, its iteration and its game state."""
 
     dir: Path
     resolved: Any
     checkpoint: Path
     iteration: int
+    game_state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.dir.resolve().name}@{self.iteration}"
 
 
-def open_run(run_dir: str | Path, registry: Any, checkpoint: int | None = None, key: str = "RUN") -> TrainedRun:
-    """The run in `run_dir` at checkpoint `checkpoint` (an iteration), or at its newest complete one. A folder
-    that is not a run, or a checkpoint it does not have, is one line naming `key` and what there is."""
+def open_target(path: str | Path, registry: Any, checkpoint: int | None = None, overrides: list[str] = (),
+                key: str = "RUN") -> TrainedRun:
+    """A run folder (at `checkpoint`, or its newest), one of its checkpoint folders, or a checkpoint's adapter
+    folder: what a user may point at to say "this trained model"."""
+    p = Path(path)
+    if p.name == ADAPTER and not (p / "config.yaml").is_file():
+        p = p.parent
+    if p.name.isdigit() and p.parent.name == CHECKPOINTS and (p.parent.parent / "config.yaml").is_file():
+        if checkpoint is not None and checkpoint != int(p.name):
+            raise ArenaError(f"--checkpoint {checkpoint}: {path} is checkpoint {int(p.name)} already; give a run "
+                             "folder with --checkpoint, or a checkpoint folder alone")
+        return open_run(p.parent.parent, registry, int(p.name), overrides, key)
+    if not (p / "config.yaml").is_file():
+        raise ArenaError(f"{key} {path}: expected a run folder (runs/<game>-<time>), one of its checkpoints "
+                         f"(RUN/{CHECKPOINTS}/000010) or a checkpoint's {ADAPTER} folder")
+    return open_run(p, registry, checkpoint, overrides, key)
+
+
+def open_run(run_dir: str | Path, registry: Any, checkpoint: int | None = None, overrides: list[str] = (),
+             key: str = "RUN") -> TrainedRun:
+    """The run in `run_dir` at checkpoint `checkpoint` (an iteration), or at its newest complete one, its config
+    with `overrides` (key=value) applied. A folder that is not a run, or a checkpoint it does not have, is one
+    line naming `key` and what there is."""
     from arena.config import load_file, resolve
 
     store = RunStore(run_dir)
@@ -34,7 +60,7 @@ def open_run(run_dir: str | Path, registry: Any, checkpoint: int | None = None, 
     game = saved.get("game", {}).get("name") if isinstance(saved.get("game"), dict) else None
     if not isinstance(game, str):
         raise ArenaError(f"{key} {run_dir}: its config.yaml names no game")
-    resolved = resolve(registry, game, base=saved)
+    resolved = resolve(registry, game, overrides=list(overrides), base=saved)
     done = {int(p.name): p for p in store.complete_checkpoints()}
     if not done:
         raise ArenaError(f"{key} {run_dir}: no complete checkpoint yet; a run saves one every "
@@ -43,7 +69,12 @@ def open_run(run_dir: str | Path, registry: Any, checkpoint: int | None = None, 
         checkpoint = max(done)
     if checkpoint not in done:
         raise ArenaError(f"--checkpoint {checkpoint}: {run_dir} has checkpoints {', '.join(map(str, sorted(done)))}")
-    return TrainedRun(Path(run_dir), resolved, done[checkpoint], checkpoint)
+    state_file = done[checkpoint] / GAME_STATE
+    try:
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise ArenaError(f"{state_file}: cannot read the game state ({exc})") from None
+    return TrainedRun(Path(run_dir), resolved, done[checkpoint], checkpoint, state)
 
 
 def trained_policy(run: TrainedRun, registry: Any) -> Any:

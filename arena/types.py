@@ -90,6 +90,18 @@ class JudgeItem:
 
 
 @dataclass
+class Comparison:
+    """Two responses to one prompt for a pairwise judge: which is better, `first` or `second`? `reference` is the
+    record's reference answer if any; `metadata` what a judge may need (a rubric)."""
+
+    prompt: Messages
+    first: str
+    second: str
+    reference: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Job:
     """A program to run in an executor and the calls to make: `entry(*args)` for each of `inputs`, each the text of
     an argument list made of Python literals only (`3, [1, 2]`), so an input can never run code of its own."""

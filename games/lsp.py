@@ -30,7 +30,7 @@ from arena.errors import ArenaError, ArenaWarning, ConfigError
 from arena.games.prompts import TEMPERATURE_HINT
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, Judge, RoundContext
-from arena.types import JudgeItem, Messages, Role, Sample, Verdict, chat, verdict_items
+from arena.types import JudgeItem, Messages, Role, Sample, Verdict, chat
 
 TASK = ("Answer a user's request helpfully, correctly and clearly: questions of fact, reasoning, math, coding, "
         "writing and advice.")
@@ -267,14 +267,14 @@ class LSPGame(Game):
         ctx.notes["query"] = shown if shown is not None else f"(no well-formed query: {parsed[0][1]})"
         return samples
 
-    def evaluate_items(self, ctx: RoundContext) -> dict[str, list[float]]:
-        """The Solver's greedy answers to held-out prompts, scored by the judge (R, without R_Q)."""
+    def held_out_answers(self, ctx: RoundContext) -> list[JudgeItem]:
+        """The Solver's greedy answers to held-out prompts; the held-out measure is the judge's scores of them
+        (R, without R_Q)."""
         if not self.eval_records:
-            return {}
+            return []
         prompts = [self.solver_prompt(r["prompt"]) for r in self.eval_records]
         outs = ctx.policy.generate(prompts, n=1, max_new_tokens=self.options.solver_max_new_tokens, greedy=True)
-        verdicts = ctx.judge.judge([JudgeItem(prompt=p, response=g[0].text) for p, g in zip(prompts, outs)])
-        return verdict_items(verdicts)
+        return [JudgeItem(prompt=p, response=g[0].text) for p, g in zip(prompts, outs)]
 
 
 @hookimpl

@@ -578,18 +578,26 @@ class PopGame(Game):
         `score` (each valid verdict), `valid_frac` and `problems` (how many fixed problems there are)."""
         if not self.options.eval_size:
             return {}
+        items = self.held_out_answers(ctx)
+        if not items:
+            return {"problems": 0.0}
+        return {**verdict_items(self._verdicts(ctx, items)), "problems": float(len(items))}
+
+    def held_out_answers(self, ctx: RoundContext) -> list[JudgeItem]:
+        """The solver's greedy answers to the fixed held-out questions, each with its reference and rubric."""
+        if not self.options.eval_size:
+            return []
         if self.eval_problems is None:
             self.write_eval_problems(ctx)
-        if not self.eval_problems:
-            return {"problems": 0.0}
         solver = self._roles["solver"]
         prompts = [self.solver_prompt(e["question"]) for e in self.eval_problems]
+        if not prompts:
+            return []
         with ctx.phase("generate"):
             outs = ctx.policy.generate(prompts, n=1, max_new_tokens=solver.max_new_tokens, greedy=True)
-        items = [JudgeItem(prompt=prompt, response=gens[0].text, reference=e["reference"],
-                           metadata={"rubric": e["rubric"], "document": e["document"]})
-                 for prompt, gens, e in zip(prompts, outs, self.eval_problems)]
-        return {**verdict_items(self._verdicts(ctx, items)), "problems": float(len(items))}
+        return [JudgeItem(prompt=prompt, response=gens[0].text, reference=e["reference"],
+                          metadata={"rubric": e["rubric"], "document": e["document"]})
+                for prompt, gens, e in zip(prompts, outs, self.eval_problems)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"cursor": self.cursor, "eval_problems": self.eval_problems, "eval_rejected": self.eval_rejected,

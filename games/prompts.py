@@ -17,7 +17,7 @@ from arena.games.data import held_out_split, load_records, short_records
 from arena.errors import ArenaWarning, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
-from arena.types import JudgeItem, Messages, Role, Sample, chat, verdict_items
+from arena.types import JudgeItem, Messages, Role, Sample, chat
 
 
 TEMPERATURE_HINT = ("the sampling temperature of trained answers; greedy decoding gives every answer of a group "
@@ -94,12 +94,12 @@ class PromptsGame(Game):
                     metadata={"valid": v.valid, "verdict": v.details, "reference": record.get("answer")}))
         return samples
 
-    def evaluate_items(self, ctx: RoundContext) -> dict[str, list[float]]:
+    def held_out_answers(self, ctx: RoundContext) -> list[JudgeItem]:
+        """Greedy answers to the held-out prompts; the game's held-out measure is the judge's scores of them."""
         prompts = [self.messages(r) for r in self.eval_records]
         outs = ctx.policy.generate(prompts, n=1, max_new_tokens=self.options.max_new_tokens, greedy=True)
-        verdicts = ctx.judge.judge([JudgeItem(prompt=p, response=g[0].text, reference=r.get("answer"))
-                                    for p, r, g in zip(prompts, self.eval_records, outs)])
-        return verdict_items(verdicts)
+        return [JudgeItem(prompt=p, response=g[0].text, reference=r.get("answer"))
+                for p, r, g in zip(prompts, self.eval_records, outs)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"cursor": self.cursor}

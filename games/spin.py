@@ -26,7 +26,7 @@ from arena.errors import ConfigError
 from arena.games.data import held_out_split, load_records, short_records
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
-from arena.types import Messages, Role, Sample, chat
+from arena.types import JudgeItem, Messages, Role, Sample, chat
 
 
 @dataclass
@@ -181,6 +181,15 @@ class SpinGame(Game):
                                                   scores["fake_ref"]),
             "real_logprob": (scores["real"] / lengths).tolist(),
         }
+
+    def held_out_answers(self, ctx: RoundContext) -> list[JudgeItem]:
+        """The player's greedy answers to the held-out prompts, with the human response as the reference."""
+        if not self.eval_records:
+            return []
+        prompts = [self.messages(r) for r in self.eval_records]
+        outs = ctx.policy.generate(prompts, n=1, max_new_tokens=self.options.max_new_tokens, greedy=True)
+        return [JudgeItem(prompt=p, response=g[0].text, reference=r["answer"])
+                for p, r, g in zip(prompts, self.eval_records, outs)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"cursor": self.cursor, "opponents": dict(self.opponents)}

@@ -1,6 +1,7 @@
 """Built-in commands that work on runs, registered through the same `register_commands` hook a plugin's commands
-use: `arena export RUN OUT` (the trained model as a plain transformers folder) and `arena report RUN [RUN ...]`
-(plots, a summary and the best and worst samples)."""
+use: `arena eval RUN [RUN ...]` (held-out scores with intervals and win rates against the base model),
+`arena export RUN OUT` (the trained model as a plain transformers folder) and `arena report RUN [RUN ...]` (plots,
+a summary and the best and worst samples)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,69 @@ from typing import Any
 
 from arena.errors import ArenaError
 from arena.hookspecs import hookimpl
+
+
+def configure_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("targets", nargs="+", metavar="RUN_OR_CHECKPOINT [key=value]",
+                        help="run folders, checkpoint folders (RUN/checkpoints/000010) or their adapter folders; "
+                             "then config overrides for every run (judge=llm_judge judge.model=...) and the win "
+                             "rate's judge (compare=exact_match, compare.model=...; default: pairwise)")
+    parser.add_argument("--checkpoint", type=int, metavar="ITERATION",
+                        help="the checkpoint of each run folder (default: the newest complete one)")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="a JSONL of {\"prompt\", \"answer\"} to use as the held-out set, scored by the "
+                             "run's judge, instead of the game's own")
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                        help="answer length for --prompts (default 128)")
+    parser.set_defaults(overrides=[])  # key=value items after an option land here (arena.cli.main)
+
+
+def split_eval_args(targets: list[str]) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Run paths, run-config overrides and the compare judge's spec from `arena eval`'s positional arguments."""
+    from arena.config import parse_dotlist
+
+    paths = [t for t in targets if "=" not in t]
+    overrides = [t for t in targets if "=" in t and not t.split("=", 1)[0].split(".")[0] == "compare"]
+    compare: dict[str, Any] = {"name": "pairwise"}
+    for item in targets:
+        if "=" in item and item.split("=", 1)[0].split(".")[0] == "compare":
+            value = parse_dotlist([item])["compare"]
+            compare = {"name": value} if isinstance(value, str) else {**compare, **value}
+    if not paths:
+        raise ArenaError("arena eval: name at least one run folder or checkpoint")
+    return paths, overrides, compare
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Score the runs and the base on one held-out set, print the table and write the results beside each run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from arena.config import validate_component
+    from arena.evaluate import INTERVAL, PromptFile, check_overrides, evaluate_runs, table_rows, write_results
+    from arena.registry import load_registry
+    from arena.runs import open_target
+
+    paths, overrides, compare = split_eval_args([*args.targets, *args.overrides])
+    if args.max_new_tokens < 1:
+        raise ArenaError(f"--max-new-tokens {args.max_new_tokens}: expected a positive number of tokens")
+    if args.prompts:
+        PromptFile(args.prompts, args.max_new_tokens)  # a missing or malformed file fails before any model loads
+    check_overrides(overrides)
+    registry = load_registry()
+    validate_component(registry, "judge", compare, "compare")
+    runs = [open_target(p, registry, args.checkpoint, overrides) for p in paths]
+    results = evaluate_runs(runs, registry, compare, args.prompts, args.max_new_tokens,
+                            say=lambda line: print(line, flush=True))
+    header, rows = table_rows(results)
+    table = Table(title=f"{results['held_out']} ({INTERVAL})")
+    for col in header:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(100, Console().width)).print(table)
+    print("wrote " + ", ".join(str(p) for p in write_results(results, runs)))
+    return 0
 
 
 def configure_export(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +138,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 @hookimpl
 def register_commands(register: Any) -> None:
+    register("eval", run_eval, help="score trained runs and the base model on held-out work, with 95% intervals "
+                                    "and win rates against the base", configure=configure_eval)
     register("report", run_report, help="plot runs per iteration, summarise them and show their best and worst "
                                         "samples", configure=configure_report)
     register("export", run_export, help="save a run's model with its adapter merged, as a plain transformers "

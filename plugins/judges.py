@@ -1,4 +1,4 @@
-"""Built-in judges: self_reward, llm_judge, reward_model, exact_match and mix.
+"""Built-in judges: self_reward, llm_judge, pairwise, reward_model, exact_match and mix.
 
 Prompted judges score in one of two modes. `constrained` (the default) appends the assistant's opening `<Score>`
 to the judge prompt, takes one forward pass and reads the probabilities of the digit tokens: the expected digit
@@ -22,7 +22,7 @@ from arena.config import model_path_problem, option
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Judge, Policy
-from arena.types import JudgeItem, Verdict
+from arena.types import Comparison, JudgeItem, Verdict, chat
 
 SELF_REWARD_TEMPLATE = """Review the user's question and the response below, and score them with this additive \
 7-point scale. Points accumulate for each criterion met.
@@ -49,6 +49,15 @@ helpful, relevant and clear. Use an integer from 0 (useless or wrong) to {max_sc
 <response>{response}</response>
 
 Reply with the rating as <Score>k</Score>."""
+
+PAIRWISE_TEMPLATE = """You are a strict judge. Two assistants answered the same request. Decide which response \
+answers it better: correct, helpful, relevant and clear. Do not prefer a response for its length or its position.
+{reference_block}
+<request>{query}</request>
+<response_A>{first}</response_A>
+<response_B>{second}</response_B>
+
+Reply with the letter of the better response as <Better>A</Better> or <Better>B</Better>."""
 
 SCORE_RE = re.compile(r"<Score>\s*(\d+)\s*</Score>", re.IGNORECASE)
 NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
@@ -197,6 +206,63 @@ class LLMJudge(PromptJudge):
         block = f"<reference_answer>{item.reference}</reference_answer>\n" if item.reference else ""
         return (self.options.template or LLM_JUDGE_TEMPLATE).format(
             query=_query_text(item), response=item.response, reference_block=block, max_score=self.max_score)
+
+
+@dataclass
+class PairwiseOptions:
+    template: Optional[str] = None  # {query}, {first}, {second}, {reference_block}
+    model: Optional[str] = None  # a judge model (folder, .gguf, cached name); None: the policy's reference
+
+    def check(self) -> None:
+        _check_template(self.template, ("query", "first", "second", "reference_block"))
+        check_model_option(self.model)
+
+
+class Pairwise(Judge):
+    """Which of two responses is better, AlpacaEval-style: the judge model's probability of `A` against `B`
+    after `<Better>` (one forward pass per pair, never unparseable). `arena eval`'s default for win rates; as a
+    judge in play it scores a response against the record's reference answer, in both orders."""
+
+    Options = PairwiseOptions
+
+    def __init__(self, options: PairwiseOptions, env: Env):
+        super().__init__(options, env)
+        self.model = own_model(options.model, env) if options.model is not None else env.policy
+        if self.model is None:
+            raise ArenaError("pairwise needs a model: the run's policy was not built")
+        try:
+            self.letters = [self.model.token_id("A"), self.model.token_id("B")]
+        except ValueError:
+            raise ArenaError("pairwise: the judge model's tokenizer has no single token for A or B") from None
+
+    def render(self, item: Comparison) -> str:
+        block = f"<reference_answer>{item.reference}</reference_answer>\n" if item.reference else ""
+        query = _query_text(JudgeItem(prompt=item.prompt, response=""))
+        return (self.options.template or PAIRWISE_TEMPLATE).format(query=query, first=item.first,
+                                                                   second=item.second, reference_block=block)
+
+    def compare(self, items: Sequence[Comparison]) -> list[Verdict]:
+        if not items:
+            return []
+        opening = self.model.encode("<Better>")
+        prompts = [self.model.encode_chat(chat(self.render(item))) + opening for item in items]
+        probs = torch.softmax(self.model.next_token_logprobs(prompts, self.letters, reference=True).float(), -1)
+        return [Verdict(p, details={"p_first": round(p, 4)}) if math.isfinite(p)
+                else Verdict.invalid("the judge model gave no finite probability") for p in probs[:, 0].tolist()]
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        """P(the response beats the reference answer), the mean of both orders so position bias cancels."""
+        scored = [i for i, item in enumerate(items) if item.reference is not None]
+        pairs = [Comparison(items[i].prompt, items[i].response, items[i].reference) for i in scored]
+        swapped = [Comparison(c.prompt, c.second, c.first) for c in pairs]
+        verdicts = self.compare(pairs + swapped)
+        out = [Verdict.invalid("the record has no reference answer to compare with")] * len(items)
+        for k, i in enumerate(scored):
+            ahead, behind = verdicts[k], verdicts[k + len(pairs)]
+            out[i] = (Verdict(0.5 + (ahead.score - behind.score) / 2, details={
+                "p_first": ahead.score, "p_second": 1.0 - behind.score}) if ahead.valid and behind.valid
+                else Verdict.invalid("the judge model gave no finite probability"))
+        return out
 
 
 @dataclass
@@ -376,6 +442,7 @@ class Mix(Judge):
 def register_judges(register: Any) -> None:
     register("self_reward", SelfReward)
     register("llm_judge", LLMJudge)
+    register("pairwise", Pairwise)
     register("reward_model", RewardModel)
     register("exact_match", ExactMatch)
     register("mix", Mix)
