@@ -213,10 +213,10 @@ def check_overrides(overrides: Sequence[str]) -> None:
                              "rest defines the held-out set and the models under test")
 
 
-def evaluate_runs(runs: list[Any], registry: Any, compare: dict[str, Any], prompts: str | None = None,
-                  max_new_tokens: int = 128, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Score the base model and each trained run (arena.runs.TrainedRun) on the first run's held-out set. The
-    runs must share their game and model (the adapters are loaded in turn into one policy)."""
+def evaluate_runs(runs: list[Any], registry: Any, compare: dict[str, Any], prompts: PromptFile | None = None,
+                  say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score the base model and each trained run (arena.runs.TrainedRun) on the first run's held-out set, or on
+    `prompts`. The runs must share their game and model (the adapters are loaded in turn into one policy)."""
     from arena.config import flatten
     from arena.loop import seed_everything
 
@@ -250,7 +250,7 @@ def evaluate_runs(runs: list[Any], registry: Any, compare: dict[str, Any], promp
     comparer = registry.build("judge", compare, env, "compare")
     game = registry.build("game", config.game, env)
     game.load_state_dict(first.game_state)
-    held_out = PromptFile(prompts, max_new_tokens) if prompts else game
+    held_out = prompts or game
 
     models: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[JudgeItem]] = {}
@@ -277,7 +277,7 @@ def evaluate_runs(runs: list[Any], registry: Any, compare: dict[str, Any], promp
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "game": config.game.name,
-        "held_out": prompts or f"the held-out set of game {config.game.name}",
+        "held_out": prompts.path if prompts else f"the held-out set of game {config.game.name}",
         "checkpoints": [{"run": str(r.dir), "iteration": r.iteration} for r in runs],
         "judge": first.resolved.tree["judge"],
         "compare": compare,

@@ -59,14 +59,12 @@ def run_eval(args: argparse.Namespace) -> int:
     paths, overrides, compare = split_eval_args([*args.targets, *args.overrides])
     if args.max_new_tokens < 1:
         raise ArenaError(f"--max-new-tokens {args.max_new_tokens}: expected a positive number of tokens")
-    if args.prompts:
-        PromptFile(args.prompts, args.max_new_tokens)  # a missing or malformed file fails before any model loads
+    prompts = PromptFile(args.prompts, args.max_new_tokens) if args.prompts else None  # read before any model loads
     check_overrides(overrides)
     registry = load_registry()
     validate_component(registry, "judge", compare, "compare")
     runs = [open_target(p, registry, args.checkpoint, overrides) for p in paths]
-    results = evaluate_runs(runs, registry, compare, args.prompts, args.max_new_tokens,
-                            say=lambda line: print(line, flush=True))
+    results = evaluate_runs(runs, registry, compare, prompts, say=lambda line: print(line, flush=True))
     header, rows = table_rows(results)
     table = Table(title=f"{results['held_out']} ({INTERVAL})")
     for col in header:
