@@ -108,6 +108,18 @@ def summarise(items: dict[str, Any]) -> tuple[dict[str, Estimate], dict[str, flo
     return estimates, counts
 
 
+def paired_differences(trained: dict[str, Any], base: dict[str, Any]) -> dict[str, Estimate]:
+    """Per held-out measure, the mean of trained minus base item by item, with its interval. Both models answer
+    the same items, so most of the spread between items cancels: a gain far smaller than either model's own
+    interval can still be told from zero."""
+    out = {}
+    for key, values in trained.items():
+        other = base.get(key)
+        if isinstance(values, list) and isinstance(other, list) and values and len(values) == len(other):
+            out[key] = bootstrap([float(t) - float(b) for t, b in zip(values, other)])
+    return out
+
+
 class ModelView(Policy):
     """The run's policy as one model under evaluation: the base (`base=True`: every call runs with the adapter
     off) or the trained one. Greedy generations are remembered, so the game's measure and the win rate read one
@@ -270,6 +282,9 @@ def evaluate_runs(runs: list[Any], registry: Any, compare: dict[str, Any], promp
         answers[label] = held_out.held_out_answers(ctx)
         estimates, counts = summarise(items)
         models[label] = {"metrics": {k: asdict(e) for k, e in estimates.items()}, "counts": counts, "items": items}
+        if run is not None:
+            models[label]["differences"] = {k: asdict(e) for k, e in
+                                            paired_differences(items, models["base"]["items"]).items()}
         if run is not None and answers[label]:
             prefs = compare_answers(comparer, answers[label], answers["base"])
             models[label]["win_rate"] = {**win_rate(prefs), "preferences": prefs}
@@ -296,7 +311,8 @@ def _cell(estimate: dict[str, Any] | None) -> str:
 
 
 def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The printed table: one row per held-out measure (mean [95% interval]), counts, then the win rate."""
+    """The printed table: one row per held-out measure (mean [95% interval]), each trained model's paired
+    difference from the base, counts, then the win rate."""
     labels = list(results["models"])
     header = ["measure", "n", *labels]
     rows = []
@@ -305,6 +321,11 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         cells = [results["models"][label]["metrics"].get(key) for label in labels]
         n = sorted({c["n"] for c in cells if c})
         rows.append([key, "/".join(map(str, n)), *(_cell(c) for c in cells)])
+    for key in keys:
+        cells = [results["models"][label].get("differences", {}).get(key) for label in labels]
+        if any(cells):
+            n = sorted({c["n"] for c in cells if c})
+            rows.append([f"{key} - base, paired", "/".join(map(str, n)), *(_cell(c) for c in cells)])
     for key in dict.fromkeys(k for m in results["models"].values() for k in m["counts"]):
         rows.append([key, "", *(f"{results['models'][label]['counts'][key]:g}"
                                 if key in results["models"][label]["counts"] else "-" for label in labels)])

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from arena.cli import main
-from arena.evaluate import ModelView, bootstrap, compare_answers, outcome, preference, table_rows, win_rate
+from arena.evaluate import (ModelView, bootstrap, compare_answers, outcome, paired_differences, preference, table_rows,
+                            win_rate)
 from arena.interfaces import Judge
 from arena.registry import load_registry
 from arena.types import Comparison, JudgeItem, Verdict, chat
@@ -52,6 +53,24 @@ def test_preference_cancels_a_position_bias_and_ties_count_half():
     assert "win_rate" not in win_rate([None])
     for k in range(1001):  # equal verdicts in both orders are a tie, never a loss by rounding
         assert preference(Verdict(k / 1000), Verdict(k / 1000)) == 0.5
+
+
+def test_a_paired_difference_tells_a_small_steady_gain_from_zero():
+    """Items that differ a lot from each other, each 0.05 better after training: the two models' own intervals
+    overlap, the paired difference is 0.05 with no spread; a change that goes both ways straddles zero."""
+    rng = random.Random(3)
+    base = [rng.uniform(0, 2) for _ in range(40)]
+    trained = [b + 0.05 for b in base]
+    b, t = bootstrap(base), bootstrap(trained)
+    assert t.low < b.high  # each model's own interval cannot tell them apart
+    d = paired_differences({"score": trained, "n": 40}, {"score": base, "n": 40})
+    assert list(d) == ["score"] and d["score"].n == 40  # counts are not measures
+    assert d["score"].mean == pytest.approx(0.05) and d["score"].low == pytest.approx(0.05)
+    assert d["score"].high == pytest.approx(0.05)
+    mixed = paired_differences({"score": [x + (0.3 if i % 2 else -0.3) for i, x in enumerate(base)]},
+                               {"score": base})["score"]
+    assert mixed.low < 0 < mixed.high and mixed.mean == pytest.approx(0.0, abs=1e-9)
+    assert paired_differences({"score": [1.0, 2.0]}, {"score": [1.0]}) == {}  # not the same items: no pairing
 
 
 class ScriptedCompare(Judge):
@@ -183,6 +202,12 @@ def test_eval_scores_base_and_run_as_the_run_logged_them(arithmetic_run, capsys)
     for model in (base, trained):
         for e in model["metrics"].values():
             assert e["low"] <= e["mean"] <= e["high"] and e["n"] == 12
+    # the paired difference: item by item, so its mean is the difference of the means
+    diff = trained["differences"]["score"]
+    assert diff["mean"] == pytest.approx(trained["metrics"]["score"]["mean"] - base["metrics"]["score"]["mean"])
+    assert diff["low"] <= diff["mean"] <= diff["high"] and "differences" not in base
+    row = next(r for r in table_rows(results)[1] if r[0] == "score - base, paired")
+    assert row[1:] == ["12", "-", f"{diff['mean']:.3f} [{diff['low']:.3f}, {diff['high']:.3f}]"]
     # the win rate by hand: the pointwise judge scores each answer; the higher wins, equal ties
     answers = results["answers"]
     assert len(answers) == 12 and sum(a["run@3"] != a["base"] for a in answers) >= 6
