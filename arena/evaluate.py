@@ -101,22 +101,26 @@ def summarise(items: dict[str, Any]) -> tuple[dict[str, Estimate], dict[str, flo
     estimates, counts = {}, {}
     for key, value in items.items():
         if isinstance(value, list):
-            if value:
-                estimates[key] = bootstrap([float(v) for v in value])
+            present = [float(v) for v in value if v is not None]
+            if present:
+                estimates[key] = bootstrap(present)
         else:
             counts[key] = float(value)
     return estimates, counts
 
 
 def paired_differences(trained: dict[str, Any], base: dict[str, Any]) -> dict[str, Estimate]:
-    """Per held-out measure, the mean of trained minus base item by item, with its interval. Both models answer
-    the same items, so most of the spread between items cancels: a gain far smaller than either model's own
-    interval can still be told from zero."""
+    """Per held-out measure, the mean of trained minus base item by item, with its interval, over the items both
+    have a value for (an invalid verdict is None; lists of unequal length are not paired). Both models answer the same items, so most of the spread
+    between items cancels: a gain far smaller than either model's own interval can still be told from zero."""
     out = {}
     for key, values in trained.items():
         other = base.get(key)
-        if isinstance(values, list) and isinstance(other, list) and values and len(values) == len(other):
-            out[key] = bootstrap([float(t) - float(b) for t, b in zip(values, other)])
+        if not (isinstance(values, list) and isinstance(other, list)) or len(values) != len(other):
+            continue  # not one value per held-out item on both sides: there is nothing to pair
+        both = [float(t) - float(b) for t, b in zip(values, other) if t is not None and b is not None]
+        if both:
+            out[key] = bootstrap(both)
     return out
 
 

@@ -146,19 +146,22 @@ class Verdict:
         return cls(score=float("nan"), valid=False, details={"error": reason, **details})
 
 
-def verdict_items(verdicts: list[Verdict]) -> dict[str, list[float]]:
-    """A judge's held-out verdicts per item: `score` of each valid one, `valid_frac` 1.0 or 0.0 for each."""
-    return {"score": [v.score for v in verdicts if v.valid], "valid_frac": [1.0 if v.valid else 0.0 for v in verdicts]}
+def verdict_items(verdicts: list[Verdict]) -> dict[str, list[float | None]]:
+    """A judge's held-out verdicts per item: `score` (None for an invalid verdict: left out of means, never a 0,
+    and item i stays item i for pairing), `valid_frac` 1.0 or 0.0 for each."""
+    return {"score": [v.score if v.valid else None for v in verdicts],
+            "valid_frac": [1.0 if v.valid else 0.0 for v in verdicts]}
 
 
 def item_means(items: dict[str, Any]) -> dict[str, float]:
-    """A game's held-out metrics from its per-item results: the mean of each list (an empty one gives no key), a
-    plain number (a count) as it is."""
+    """A game's held-out metrics from its per-item results: the mean of each list over its items with a value
+    (None: no value; none at all gives no key), a plain number (a count) as it is."""
     out = {}
     for key, value in items.items():
         if isinstance(value, list):
-            if value:
-                out[key] = sum(value) / len(value)
+            present = [v for v in value if v is not None]
+            if present:
+                out[key] = sum(present) / len(present)
         else:
             out[key] = float(value)
     return out

@@ -128,5 +128,7 @@ def test_item_means_by_hand():
     from arena.types import Verdict, item_means, verdict_items
 
     items = verdict_items([Verdict(2.0), Verdict.invalid("x"), Verdict(4.0), Verdict(0.0)])
-    assert items == {"score": [2.0, 4.0, 0.0], "valid_frac": [1.0, 0.0, 1.0, 1.0]}
-    assert item_means({**items, "problems": 4, "empty": []}) == {"score": 2.0, "valid_frac": 0.75, "problems": 4.0}
+    # an invalid verdict keeps its place as None (item i stays item i) and is left out of the mean, never a 0
+    assert items == {"score": [2.0, None, 4.0, 0.0], "valid_frac": [1.0, 0.0, 1.0, 1.0]}
+    assert item_means({**items, "problems": 4, "empty": [], "none": [None]}) == {
+        "score": 2.0, "valid_frac": 0.75, "problems": 4.0}

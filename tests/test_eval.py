@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from arena.cli import main
-from arena.evaluate import (ModelView, bootstrap, compare_answers, outcome, paired_differences, preference, table_rows,
-                            win_rate)
+from arena.evaluate import (ModelView, bootstrap, compare_answers, outcome, paired_differences, preference, summarise,
+                            table_rows, win_rate)
 from arena.interfaces import Judge
 from arena.registry import load_registry
 from arena.types import Comparison, JudgeItem, Verdict, chat
@@ -71,6 +71,10 @@ def test_a_paired_difference_tells_a_small_steady_gain_from_zero():
                                {"score": base})["score"]
     assert mixed.low < 0 < mixed.high and mixed.mean == pytest.approx(0.0, abs=1e-9)
     assert paired_differences({"score": [1.0, 2.0]}, {"score": [1.0]}) == {}  # not the same items: no pairing
+    # an invalid verdict (None) on either side leaves that item out; the others stay paired with their own item
+    d = paired_differences({"score": [1.0, None, 5.0, 2.0]}, {"score": [0.5, 3.0, None, 1.0]})["score"]
+    assert (d.n, d.mean) == (2, pytest.approx(0.75))
+    assert summarise({"score": [1.0, None, 5.0]})[0]["score"].mean == pytest.approx(3.0)
 
 
 class ScriptedCompare(Judge):

@@ -364,9 +364,10 @@ def test_held_out_problems_are_written_once_and_kept_in_the_game_state(tiny_mode
     assert fresh.eval_problems == problems
     valid = [v for v in (scripted_score(i.response) for i in items) if v is not None]
     assert first["valid_frac"] == len(valid) / 3
-    per_item = game.evaluate_items(ctx)  # what the means come from: one entry per problem (score: per valid one)
+    per_item = game.evaluate_items(ctx)  # what the means come from: one entry per problem (score: None if invalid)
     assert per_item["valid_frac"] == [0.0 if scripted_score(i.response) is None else 1.0 for i in items]
-    assert per_item["score"] == pytest.approx(valid) and per_item["problems"] == 3.0
+    assert [s is None for s in per_item["score"]] == [scripted_score(i.response) is None for i in items]
+    assert [s for s in per_item["score"] if s is not None] == pytest.approx(valid) and per_item["problems"] == 3.0
     assert first.get("score") == (pytest.approx(sum(valid) / len(valid)) if valid else None)
 
 
