@@ -111,8 +111,9 @@ def summarise(items: dict[str, Any]) -> tuple[dict[str, Estimate], dict[str, flo
 
 def paired_differences(trained: dict[str, Any], base: dict[str, Any]) -> dict[str, Estimate]:
     """Per held-out measure, the mean of trained minus base item by item, with its interval, over the items both
-    have a value for (an invalid verdict is None; lists of unequal length are not paired). Both models answer the same items, so most of the spread
-    between items cancels: a gain far smaller than either model's own interval can still be told from zero."""
+    have a value for (an invalid verdict is None; lists of unequal length are not paired). Both models answer
+    the same items, so most of the spread between items cancels: a gain far smaller than either model's own
+    interval can still be told from zero."""
     out = {}
     for key, values in trained.items():
         other = base.get(key)

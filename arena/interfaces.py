@@ -297,8 +297,8 @@ class Game(ABC):
     def evaluate_items(self, ctx: "RoundContext") -> dict[str, Any]:
         """Held-out results per item, the source of `evaluate`'s means and of confidence intervals: for each key
         a list with one number per held-out prompt or task in a fixed order (1.0/0.0 for a success, None for
-        an item without a value), or a plain number for a count. A game that overrides `evaluate` instead gives means only. By default the judge's scores of
-        `held_out_answers`."""
+        an item without a value), or a plain number for a count. A game that overrides `evaluate` instead gives
+        means only. By default the judge's scores of `held_out_answers`."""
         from arena.types import verdict_items
 
         answers = self.held_out_answers(ctx)

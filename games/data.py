@@ -80,7 +80,7 @@ def sharegpt_pairs() -> list[dict[str, str]]:
         first, second = (t.get("value") for t in turns[:2])
         if (turns[0].get("from") == "human" and turns[1].get("from") == "gpt" and isinstance(first, str)
                 and isinstance(second, str) and first.strip() and second.strip()):
-            records.append({"prompt": turns[0]["value"].strip(), "answer": turns[1]["value"].strip()})
+            records.append({"prompt": first.strip(), "answer": second.strip()})
     if not records:  # never cache an empty set: a repaired install would go on reading it
         raise ArenaError(broken.format("no conversation opens with a human turn and an answer"))
     cached.parent.mkdir(parents=True, exist_ok=True)
