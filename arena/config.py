@@ -208,13 +208,37 @@ def _canonical_layer(layer: dict[str, Any]) -> dict[str, Any]:
     return layer
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def _deep_merge(base: dict, over: dict, path: str = "") -> dict:
     for key, value in over.items():
+        where = f"{path}.{key}" if path else str(key)
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
+            _deep_merge(base[key], value, where)
+        elif isinstance(value, dict) and isinstance(base.get(key), list) and value:
+            _merge_items(base[key], value, where)
         else:
             base[key] = copy.deepcopy(value)
     return base
+
+
+def _merge_items(items: list, over: dict, path: str) -> None:
+    """`key.N.x=v` on a list: the dotlist parser reads N as a mapping key; it sets item N of the list. An item
+    given a different `name` (another component) starts afresh, as a section does."""
+    for index, value in over.items():
+        if not re.fullmatch(r"\d+", str(index)):
+            raise ConfigError(f"{path}.{index}", f"{path} is a list; address its items by number ({path}.0.KEY=...) "
+                                                 "or give the whole list")
+        i = int(index)
+        if i >= len(items):
+            raise ConfigError(f"{path}.{i}", f"{path} has {len(items)} item(s), numbered from 0; to add one, give "
+                                             "the whole list")
+        if isinstance(value, dict) and isinstance(items[i], str):
+            items[i] = {"name": items[i]}  # a bare component name, as in `judges: [self_reward]`
+        if isinstance(value, dict) and isinstance(items[i], dict):
+            if "name" in value and value["name"] != items[i].get("name"):
+                items[i] = {}
+            _deep_merge(items[i], value, f"{path}.{i}")
+        else:
+            items[i] = copy.deepcopy(value)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -309,6 +333,10 @@ def validate(schema_cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(path, f"expected a mapping, got {type(data).__name__} {data!r}")
     schema = OmegaConf.structured(schema_cls)
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(schema._get_node(str(key)), ListConfig):
+            raise ConfigError(f"{path}.{key}", f"expected a list; `{path}.{key}.N.KEY=...` sets item N of a list "
+                                               "the config already holds; give the whole list here")
     try:
         merged = OmegaConf.merge(schema, data)
         options = OmegaConf.to_object(merged)
