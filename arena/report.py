@@ -14,11 +14,20 @@ from arena.errors import ArenaError
 from arena.runstore import RunStore, read_jsonl
 
 REPORT_INSTALL = "pip install 'arena-selfplay[report]'"
+# the optimizers' own measures, plotted plain (`kl`) and per mix part (`grpo/kl`, `dpo/margin`)
+TRAINING = ("loss", "kl", "grad_norm", "margin", "accuracy")
+
+
+def _training(key: str) -> bool:
+    parts = key.split("/")
+    return key in TRAINING or (len(parts) == 2 and parts[1] in TRAINING)
+
+
 # panel -> (title, which metric keys it shows)
 PANELS = {
     "rewards": ("mean reward per role", lambda k: k.startswith("reward/")),
     "heldout": ("held-out scores (iteration 0: before training)", lambda k: k.startswith("eval/")),
-    "training": ("KL to the reference and loss", lambda k: k in ("kl", "loss")),
+    "training": ("the update: loss, KL to the reference, gradient norm, pair margin and accuracy", _training),
     "time": ("seconds per phase", lambda k: k.startswith("time/")),
 }
 

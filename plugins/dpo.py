@@ -228,7 +228,7 @@ class DPO(AdamWOptimizer):
         o = self.options
         prepared = self._prepare(samples, roles)
         if not prepared.pairs:  # nothing to learn from: no update, nothing trained on
-            return {**self._accumulate(prepared), "grad_norm": 0.0}
+            return self._accumulate(prepared)  # no update: no gradient norm to report
         first: dict[str, float] = {}
         losses, grad_norm = [], 0.0
         for epoch in range(o.epochs):

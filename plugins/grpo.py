@@ -114,14 +114,16 @@ class _Round:
     clipped: float = 0.0
     gap_sum: float = 0.0
     gap_tokens: float = 0.0
-    grad_norm: float = 0.0
+    grad_norm: Optional[float] = None  # set by a step; a pass accumulated for a mix has none of its own
 
     def summary(self, passes: int) -> dict[str, float]:
         out = {"train/samples": float(self.samples)}
         if not passes:
             return {**out, "loss": 0.0}
         tokens = max(1.0, sum(self.tokens.values()))
-        out.update({"loss": self.loss / passes, "grad_norm": self.grad_norm, "clip_frac": self.clipped / tokens,
+        if self.grad_norm is not None:
+            out["grad_norm"] = self.grad_norm
+        out.update({"loss": self.loss / passes, "clip_frac": self.clipped / tokens,
                     "sampler_logprob_gap": self.gap_sum / max(1.0, self.gap_tokens),
                     "kl": sum(self.kl.values()) / tokens, "train/tokens": sum(self.tokens.values()) / passes})
         out.update({f"kl/{role}": value / max(1.0, self.tokens[role]) for role, value in self.kl.items()})

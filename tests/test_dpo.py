@@ -319,7 +319,7 @@ def test_samples_say_whether_they_were_trained_on(fresh):
     nothing = make_pairs(fresh, [("frozen", "q1", 3, 3)])
     before = weights(fresh)
     metrics = optimizer(fresh).step(nothing, ROLES)
-    assert metrics["pairs/trained"] == 0 and metrics["loss"] == 0
+    assert metrics["pairs/trained"] == 0 and metrics["loss"] == 0 and "grad_norm" not in metrics  # no update, no norm
     assert all(torch.equal(p, b) for p, b in zip(fresh.trainable_parameters(), before))
     assert not any(s.trained for s in nothing)
 
@@ -402,7 +402,7 @@ def test_good_options():
 def test_registered_as_a_pairs_optimizer():
     registry = load_registry()
     assert registry.get("optimizer", "dpo").obj is DPO
-    with pytest.raises(ConfigError, match="'dpo' learns from pairs but game 'prompts' produces rewards"):
+    with pytest.raises(ConfigError, match="role 'assistant' produces rewards with these settings but 'dpo' learns only from pairs"):
         resolve(registry, "prompts", overrides=["optimizer=dpo"])
 
 

@@ -43,6 +43,22 @@ def test_the_plotted_series_are_the_runs_metrics(two_runs):
         assert "time/iteration" not in series["time"]
 
 
+def test_a_mix_run_plots_each_parts_measures(tiny_model_dir, tmp_path):
+    """Under a mix every part's own metrics are recorded and plotted, and none reads a made-up 0: the gradient
+    norm is the mix's (one update), not a part's."""
+    run = tmp_path / "mixed"
+    assert main(["play", "prompts", f"model.path={tiny_model_dir}", f"run.dir={run}", "run.iterations=2",
+                 "run.eval_every=0", "run.loggers=[plain]", "model.lora.r=4", "game.dataset=arithmetic",
+                 "game.group_size=2", "game.max_new_tokens=3", "game.eval_size=2",
+                 "optimizer={name: mix, parts: [{name: grpo, trains: [assistant], beta: 0.1}]}"]) == 0
+    records = list(read_jsonl(run / "metrics.jsonl"))
+    assert all("grpo/grad_norm" not in r and r["grad_norm"] > 0 for r in records)
+    training = report_series(read_run(run))["training"]
+    for key in ("loss", "grad_norm", "grpo/loss", "grpo/kl"):
+        assert training[key] == [(r["iteration"], r[key]) for r in records], key
+    assert all(value > 0 for _, value in training["grpo/kl"][1:])  # the second step moved away from the base
+
+
 def test_report_writes_pngs_a_summary_and_samples(two_runs, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["report", *map(str, two_runs), "--out", str(out), "--iterations", "1,3"]) == 0
