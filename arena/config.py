@@ -409,24 +409,31 @@ def resolve(registry: Any, game: str, config_files: list[str] = (), overrides: l
         tree[kind] = {"name": typed[kind].name, **dataclasses.asdict(typed[kind].options)}
     for i, logger in enumerate(tree["run"]["loggers"]):
         registry.get("logger", logger, f"run.loggers.{i}")
-    optimizer, game_class = entries["optimizer"].obj, entries["game"].obj
-    produced = game_class.produced(typed["game"].options)
-    consumed = optimizer.consumed(typed["optimizer"].options)
-    name = typed["optimizer"].name
-    if consumed - produced:
-        raise ConfigError("optimizer.name", f"{name!r} learns from {', '.join(sorted(consumed - produced))} but "
-                          f"game {game!r} produces {', '.join(sorted(produced))} with these settings; choose an "
-                          "optimizer that consumes what the game produces")
-    if produced - consumed:  # samples of a kind no part learns from would be played and silently never trained
-        raise ConfigError("optimizer.name", f"game {game!r} produces {' and '.join(sorted(produced))} with these "
-                          f"settings but {name!r} learns only from {', '.join(sorted(consumed))}; use an optimizer "
-                          "that learns from every kind, e.g. a mix with one part per kind")
-    if game_class.role_names:
-        try:
-            optimizer.check_role_names(typed["optimizer"].options, game_class.role_names)
-        except ConfigError as exc:
-            raise ConfigError(f"optimizer.{exc.path}", exc.detail) from None
+    check_training(entries["game"].obj, typed["game"].options, entries["optimizer"].obj, typed["optimizer"])
     return Resolved(Config(**typed), tree, sources)
+
+
+def check_training(game_class: Any, game_options: Any, optimizer: Any, chosen: Component) -> None:
+    """What the game produces against what the optimizer learns from: role by role for a game that declares
+    `role_names` (a mix part per trained role, each part's objective fit for its roles' samples), else the game's
+    kinds together. Errors are keyed under `optimizer.`."""
+    by_role = game_class.produced_by_role(game_options)
+    try:
+        if by_role:
+            optimizer.check_role_names(chosen.options, list(by_role), [r for r, kinds in by_role.items() if kinds])
+            optimizer.check_produced(chosen.options, by_role, chosen.name)
+            return
+        produced, consumed = game_class.produced(game_options), optimizer.consumed(chosen.options)
+        if consumed - produced:
+            raise ConfigError("name", f"{chosen.name!r} learns from {', '.join(sorted(consumed - produced))} but the "
+                                      f"game produces {', '.join(sorted(produced))} with these settings; choose an "
+                                      "optimizer that consumes what the game produces")
+        if produced - consumed:  # samples of a kind no part learns from would be played and silently never trained
+            raise ConfigError("name", f"the game produces {' and '.join(sorted(produced))} with these settings but "
+                                      f"{chosen.name!r} learns only from {', '.join(sorted(consumed))}; use an "
+                                      "optimizer that learns from every kind, e.g. a mix with one part per kind")
+    except ConfigError as exc:
+        raise ConfigError(f"optimizer.{exc.path}", exc.detail) from None
 
 
 # What `--resume DIR key=value` may change: how long and how the run goes on, and the optimizer's and backend's

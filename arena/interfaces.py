@@ -225,23 +225,39 @@ class Optimizer(ABC):
         return frozenset({cls.consumes})
 
     @classmethod
-    def check_role_names(cls, options: Any, names: Sequence[str]) -> None:
+    def check_role_names(cls, options: Any, names: Sequence[str], trained: Sequence[str] | None = None) -> None:
         """Raise ConfigError (key relative to the optimizer's section) for options that name a role not in
-        `names`. Runs when the config resolves for a game that declares `role_names`, and at start-up with the
-        built game's roles. The default checks the keys of an `options.roles` mapping."""
+        `names`; `trained` (default: all of `names`) are the roles the game trains, for an optimizer that assigns
+        roles (a mix). Runs when the config resolves for a game that declares `role_names`, and at start-up with
+        the built game's roles. The default checks the keys of an `options.roles` mapping."""
         from arena.errors import ConfigError
 
         unknown = sorted(set(getattr(options, "roles", None) or {}) - set(names))
         if unknown:
             raise ConfigError(f"roles.{unknown[0]}", f"no such role; the game's roles are: {', '.join(names)}")
 
+    @classmethod
+    def check_produced(cls, options: Any, produced: dict[str, frozenset[str]], name: str) -> None:
+        """Raise ConfigError (key relative to the optimizer's section) unless every kind of sample each trained
+        role produces (`Game.produced_by_role`; an empty set: not trained) is one this optimizer learns from, so
+        that nothing is played and silently never trained, nor trained by the wrong objective. `name` is the
+        optimizer's registered name, for the message."""
+        from arena.errors import ConfigError
+
+        consumed = cls.consumed(options)
+        for role, kinds in produced.items():
+            if kinds - consumed:
+                raise ConfigError("name", f"role {role!r} produces {' and '.join(sorted(kinds))} with these "
+                                          f"settings but {name!r} learns only from {', '.join(sorted(consumed))}; "
+                                          "use an optimizer that learns from it, or a mix with a part per kind")
+
     def check_roles(self, roles: dict[str, Role]) -> None:
-        """Called once at start-up with the built game's roles, before anything is played: `check_role_names`,
-        its errors under `optimizer.`."""
+        """Called once at start-up with the built game's roles, before anything is played: `check_role_names`
+        (the roles with `trained=False` need no training), its errors under `optimizer.`."""
         from arena.errors import ConfigError
 
         try:
-            self.check_role_names(self.options, list(roles))
+            self.check_role_names(self.options, list(roles), [n for n, r in roles.items() if r.trained])
         except ConfigError as exc:
             raise ConfigError(f"optimizer.{exc.path}", exc.detail) from None
 
@@ -273,10 +289,38 @@ class Game(ABC):
         self.env = env
 
     @classmethod
+    def produced_by_role(cls, options: Any) -> dict[str, frozenset[str]]:
+        """The kinds of samples each of `role_names` hands the optimizer with these options: by default
+        `produces` for every role. Override it where an option changes what a role produces (a pairwise variant)
+        or whether it is trained: a role played but never trained (a frozen opponent) maps to an empty set and
+        needs no optimizer part; its built Role must then say `trained=False`. The config checks the optimizer
+        against it, role by role, before any model loads. Empty for a game that does not declare `role_names`."""
+        return {name: frozenset(cls.produces) for name in cls.role_names}
+
+    @classmethod
     def produced(cls, options: Any) -> frozenset[str]:
-        """The kinds of samples a game with these options hands the optimizer: `produces` unless an option
-        changes it (a game with a pairwise variant)."""
-        return cls.produces
+        """Every kind of sample a game with these options hands the optimizer, all roles together."""
+        by_role = cls.produced_by_role(options)
+        return frozenset().union(*by_role.values()) if by_role else frozenset(cls.produces)
+
+    def check_built_roles(self) -> None:
+        """At start-up: the built roles are the declared `role_names`, and a role is `trained` exactly when
+        `produced_by_role` gives it something to train on (a plugin game whose declarations disagree with what
+        it builds would otherwise pass the config's checks and train something else)."""
+        from arena.errors import ArenaError
+
+        declared = type(self).produced_by_role(self.options)
+        if not declared:
+            return
+        if set(declared) != set(self.roles):
+            raise ArenaError(f"game {self.env.config.game.name!r}: builds roles {', '.join(self.roles)} but "
+                             f"declares role_names {', '.join(declared)}; a plugin game must declare the roles "
+                             "it builds")
+        for name, role in self.roles.items():
+            if role.trained != bool(declared[name]):
+                said = "trained" if role.trained else "not trained"
+                raise ArenaError(f"game {self.env.config.game.name!r}: role {name!r} is built {said} but "
+                                 f"produced_by_role gives it {sorted(declared[name]) or 'nothing'}; make them agree")
 
     @property
     @abstractmethod

@@ -103,6 +103,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
         judge = registry.build("judge", cfg.judge, env)
         game = run.game = registry.build("game", cfg.game, env)
         optimizer = registry.build("optimizer", cfg.optimizer, env)
+        game.check_built_roles()
         optimizer.check_roles(game.roles)
         if not resume:  # created (and locked) only once every component is built: a bad config leaves no folder
             store.create(resolved.to_yaml())

@@ -296,10 +296,10 @@ class PopGame(Game):
     headline_metrics = ("pop/valid_tasks", "pop/valid_rubrics", "pop/score", "pop/margin", "pop/pairs")
 
     @classmethod
-    def produced(cls, options: PopOptions) -> frozenset[str]:
-        if options.variant == "online":
-            return frozenset({"rewards"})
-        return frozenset({"pairs", "rewards"}) if trains_writers(options) else frozenset({"pairs"})
+    def produced_by_role(cls, options: PopOptions) -> dict[str, frozenset[str]]:
+        writers = frozenset({"rewards"}) if trains_writers(options) else frozenset()
+        solver = frozenset({"rewards" if options.variant == "online" else "pairs"})
+        return {"task_writer": writers, "solver": solver, "rubric_writer": writers}
 
     def __init__(self, options: PopOptions, env: Env):
         super().__init__(options, env)

@@ -9,8 +9,9 @@ objective. Each part is an optimizer that can `accumulate` (add its loss's gradi
 
 Every part's loss, times its weight, goes into one backward pass (the gradients add up), then the mix clips and
 takes one AdamW step with its own `lr`, `weight_decay`, `adam_betas` and `max_grad_norm`; a part's own update
-settings are not used. A role claimed by two parts, a role the game does not have, and a role of the game that no
-part trains are errors when the config resolves (for games that declare `role_names`) or at start-up.
+settings are not used. A role claimed by two parts, a role the game does not have or never trains, a trained role
+that no part trains, and a part whose objective does not fit what its roles produce (dpo for a role that produces
+rewards) are errors when the config resolves (for games that declare `role_names`) or at start-up.
 """
 
 from __future__ import annotations
@@ -108,23 +109,38 @@ class MixOptimizer(AdamWOptimizer):
     @classmethod
     def check_role_names(cls, options: MixOptions, names: Sequence[str],
                          trained: Sequence[str] | None = None) -> None:
-        """Every part names real roles (its own role settings too), and every role in `trained` (default: all of
-        `names`) has a part."""
+        """Every part names real roles that the game trains (its own role settings too), and every role in
+        `trained` (default: all of `names`) has a part."""
+        trained = list(names if trained is None else trained)
         claimed = set()
         for i, part in enumerate(getattr(options, "resolved", [])):
             unknown = sorted(set(part.roles) - set(names))
             if unknown:
                 raise ConfigError(f"parts.{i}.trains", f"no role {unknown[0]!r}; the game's roles are: "
                                                        f"{', '.join(names)}")
+            frozen = [r for r in part.roles if r not in trained]
+            if frozen:
+                raise ConfigError(f"parts.{i}.trains", f"role {frozen[0]!r} is played but never trained with these "
+                                                       "game settings; leave it out of trains")
             try:
                 part.kind.check_role_names(part.component.options, names)
             except ConfigError as exc:
                 raise ConfigError(f"parts.{i}.{exc.path}", exc.detail) from None
             claimed |= set(part.roles)
-        missing = [n for n in (names if trained is None else trained) if n not in claimed]
+        missing = [n for n in trained if n not in claimed]
         if missing:
             raise ConfigError("parts", f"no part trains role {missing[0]!r}; add it to a part's trains (the "
-                                       f"game's roles are: {', '.join(names)})")
+                                       f"game's trained roles are: {', '.join(trained)})")
+
+    @classmethod
+    def check_produced(cls, options: MixOptions, produced: dict[str, frozenset[str]], name: str) -> None:
+        """Each part's objective against what its own roles produce."""
+        for i, part in enumerate(getattr(options, "resolved", [])):
+            try:
+                part.kind.check_produced(part.component.options, {r: produced[r] for r in part.roles if r in produced},
+                                         part.component.name)
+            except ConfigError as exc:
+                raise ConfigError(f"parts.{i}.{exc.path}", exc.detail) from None
 
     def __init__(self, options: MixOptions, env: Env):
         super().__init__(options, env)
@@ -132,14 +148,6 @@ class MixOptimizer(AdamWOptimizer):
             self.check_options(options, env.registry, "optimizer")
         self.parts = [(part, env.registry.build("optimizer", part.component, env, f"optimizer.parts.{i}"))
                       for i, part in enumerate(options.resolved)]
-
-    def check_roles(self, roles: dict[str, Role]) -> None:
-        """At start-up, with the built game: as when the config resolves, but a role with `trained: false`
-        needs no part."""
-        try:
-            self.check_role_names(self.options, list(roles), [n for n, r in roles.items() if r.trained])
-        except ConfigError as exc:
-            raise ConfigError(f"optimizer.{exc.path}", exc.detail) from None
 
     def step(self, samples: Sequence[Sample], roles: dict[str, Role]) -> dict[str, float]:
         """Each part adds weight x its loss's gradient for its roles' samples; then one clipped AdamW step."""

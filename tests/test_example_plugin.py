@@ -92,6 +92,17 @@ def test_arena_config_uses_the_games_default_judge(example, tmp_path):
     assert bad.returncode == 2 and "game.copies: unknown key" in bad.stderr
 
 
+def test_a_setter_that_only_plays_needs_no_mix_part(example, tmp_path):
+    """The plugin declares its roles and that an untrained setter produces nothing to train: a mix then trains the
+    copier alone, and the same mix is refused while the setter is trained."""
+    _, target = example
+    mix = "optimizer={name: mix, parts: [{name: grpo, trains: [copier]}]}"
+    frozen = arena(target, "config", "mirror", "game.train_setter=false", mix, cwd=tmp_path)
+    assert frozen.returncode == 0, frozen.stderr
+    trained = arena(target, "config", "mirror", mix, cwd=tmp_path)
+    assert trained.returncode == 2 and "optimizer.parts: no part trains role 'setter'" in trained.stderr
+
+
 def _check_run(run_dir: Path, lists: int, copies: int) -> tuple[list[dict], list[dict]]:
     from arena.runstore import read_jsonl
 

@@ -158,3 +158,63 @@ def test_grpo_for_one_role_and_dpo_for_another(fresh, registry):
     for p in params:
         p.grad = None
     assert {"grpo/loss", "dpo/loss", "dpo/margin", "dpo/accuracy"} <= set(metrics)
+
+
+FROZEN_OPPONENT = '''
+from arena.hookspecs import hookimpl
+from arena.interfaces import Game
+from arena.types import Role
+
+
+class Duel(Game):
+    """A player against a frozen guesser: the guesser is played, never trained."""
+
+    role_names = ("player", "guesser")
+    built_trained = False  # what the built guesser says; a test flips it
+
+    @classmethod
+    def produced_by_role(cls, options):
+        return {"player": frozenset({"rewards"}), "guesser": frozenset()}
+
+    @property
+    def roles(self):
+        return {"player": Role("player"), "guesser": Role("guesser", trained=self.built_trained)}
+
+    def play(self, ctx):
+        return []
+
+
+@hookimpl
+def register_games(register):
+    register("duel", Duel)
+'''
+
+
+@pytest.fixture()
+def duel(tmp_path, monkeypatch):
+    (tmp_path / "duel.py").write_text(FROZEN_OPPONENT)
+    monkeypatch.setenv("ARENA_PLUGINS_DIR", str(tmp_path))
+    registry = load_registry()
+    assert not registry.failed, registry.failed
+    return registry
+
+
+def test_a_role_declared_untrained_needs_no_part(duel):
+    one = "optimizer={name: mix, parts: [{name: grpo, trains: [player]}]}"
+    assert resolve(duel, "duel", overrides=[one]).tree["optimizer"]["parts"][0]["trains"] == ["player"]
+    assert resolve(duel, "duel").config.optimizer.name == "grpo"  # a plain optimizer skips the frozen role
+    with pytest.raises(ConfigError, match="'guesser' is played but never trained") as err:
+        resolve(duel, "duel", overrides=["optimizer={name: mix, parts: [{name: grpo, trains: [player, guesser]}]}"])
+    assert err.value.path == "optimizer.parts.0.trains"
+
+
+def test_built_roles_must_agree_with_the_declaration(duel):
+    from arena.errors import ArenaError
+
+    resolved = resolve(duel, "duel")
+    env = Env(config=resolved.config, registry=duel)
+    game = duel.build("game", resolved.config.game, env)
+    game.check_built_roles()  # agrees: the guesser is built untrained
+    type(game).built_trained = True
+    with pytest.raises(ArenaError, match="role 'guesser' is built trained but produced_by_role gives it nothing"):
+        game.check_built_roles()

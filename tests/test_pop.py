@@ -140,15 +140,35 @@ def test_corpora(tmp_path):
 
 def test_the_variant_decides_what_the_game_produces():
     registry = load_registry()
-    with pytest.raises(ConfigError, match="'grpo' learns from rewards but game 'pop' produces pairs") as exc:
+    with pytest.raises(ConfigError, match="role 'solver' produces pairs with these settings but 'grpo' learns only from rewards") as exc:
         resolve(registry, "pop", overrides=["game.variant=pairs"])
     assert exc.value.path == "optimizer.name"
     assert resolve(registry, "pop", overrides=["game.variant=pairs", "optimizer=dpo"]).config.optimizer.name == "dpo"
-    with pytest.raises(ConfigError, match="'dpo' learns from pairs but game 'pop' produces rewards"):
+    with pytest.raises(ConfigError, match="role 'task_writer' produces rewards .* but 'dpo' learns only from pairs"):
         resolve(registry, "pop", overrides=["optimizer=dpo"])
     with pytest.raises(ConfigError) as exc:
         resolve(registry, "pop", overrides=["game.min_document_words=300"])
     assert exc.value.path == "game.min_document_words"
+
+
+MIX = "optimizer={{name: mix, parts: [{{name: {0}, trains: [solver]}}, {{name: {1}, trains: [task_writer, rubric_writer]}}]}}"
+
+
+def test_each_mix_part_fits_what_its_own_roles_produce():
+    """pairs with trained writers: the solver's pairs go to dpo and the writers' rewards to grpo, never swapped."""
+    registry = load_registry()
+    fit = resolve(registry, "pop", overrides=["game.variant=pairs", "game.train_writers=true", MIX.format("dpo", "grpo")])
+    assert [p["name"] for p in fit.tree["optimizer"]["parts"]] == ["dpo", "grpo"]
+    with pytest.raises(ConfigError, match="role 'solver' produces pairs .* but 'grpo' learns only from rewards") as exc:
+        resolve(registry, "pop", overrides=["game.variant=pairs", "game.train_writers=true",
+                                            MIX.format("grpo", "dpo")])
+    assert exc.value.path == "optimizer.parts.0.name"
+    # writers that are not trained (the pairs default) need no part, and a part may not claim them
+    assert resolve(registry, "pop", overrides=["game.variant=pairs", "optimizer={name: mix, parts: [{name: dpo, "
+                                                                     "trains: [solver]}]}"]).config.optimizer.name == "mix"
+    with pytest.raises(ConfigError, match="'task_writer' is played but never trained") as exc:
+        resolve(registry, "pop", overrides=["game.variant=pairs", MIX.format("dpo", "grpo")])
+    assert exc.value.path == "optimizer.parts.1.trains"
 
 
 @pytest.mark.parametrize("override,key", [
@@ -168,7 +188,7 @@ def test_bad_settings_are_one_line_naming_the_key_and_leave_no_run(tiny_config, 
 def test_pairs_with_trained_writers_needs_an_optimizer_for_both_kinds(tiny_config, capsys):
     registry = load_registry()
     for optimizer in ("optimizer=dpo", "optimizer=grpo"):  # one kind would be played and never trained
-        with pytest.raises(ConfigError, match="produces pairs and rewards with these settings") as exc:
+        with pytest.raises(ConfigError, match=r"role '\w+' produces (pairs|rewards) with these settings but") as exc:
             resolve(registry, "pop", overrides=["game.variant=pairs", "game.train_writers=true", optimizer])
         assert exc.value.path == "optimizer.name"
     mix = ("optimizer={name: mix, parts: [{name: dpo, trains: [solver]}, "

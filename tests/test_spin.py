@@ -92,8 +92,7 @@ def test_pairs_opponents_and_a_resume_that_replays_exactly(tiny_config, pairs_fi
 
 def test_a_pair_game_needs_a_pair_optimizer(capsys):
     assert main(["config", "spin", "optimizer=grpo"]) == 2
-    assert "learns from rewards but game 'spin' produces pairs" in capsys.readouterr().err
-
+    assert "role 'player' produces pairs with these settings but 'grpo' learns only from rewards" in capsys.readouterr().err
 
 @pytest.mark.slow
 def test_spin_on_the_embedded_model_killed_at_an_opponent_change(tmp_path):

@@ -137,6 +137,12 @@ class MirrorGame(Game):
 
     Options = MirrorOptions
     defaults = {"judge": "overlap"}
+    role_names = ("setter", "copier")  # the optimizer's role settings are then checked before the model loads
+
+    @classmethod
+    def produced_by_role(cls, options: MirrorOptions) -> dict[str, frozenset[str]]:
+        """With train_setter false the setter still plays but is never trained: it needs no optimizer part."""
+        return {"setter": frozenset({"rewards"} if options.train_setter else ()), "copier": frozenset({"rewards"})}
 
     def __init__(self, options: MirrorOptions, env: Env):
         super().__init__(options, env)
