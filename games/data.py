@@ -142,14 +142,30 @@ def load_records(dataset: str, key: str = "game.dataset", seed: int = 0,
     return load_prompt_file(dataset, key)
 
 
+def distinct(records: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
+    """The records in order, each `field` text (whitespace collapsed) kept once: a data set with duplicates
+    (ShareGPT has them, and pydoc has topics with the same text) would otherwise hold a held-out item out and train
+    on its copy, or count it twice among the held-out items."""
+    seen: set[str] = set()
+    out = []
+    for record in records:
+        text = " ".join(str(record[field]).split())
+        if text not in seen:
+            seen.add(text)
+            out.append(record)
+    return out
+
+
 def held_out_split(records: list[dict[str, Any]], eval_size: int, seed: int, dataset: str,
-                   what: str, key: str = "dataset") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(held-out, training) records after a shuffle fixed by `seed`; too few records to train on after holding
-    out `eval_size` is a config error naming the game's `key`."""
+                   what: str, key: str = "dataset", field: str = "prompt"
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(held-out, training) records after removing duplicates by `field` (`distinct`) and a shuffle fixed by
+    `seed`, so that no held-out item occurs in training; too few distinct records to train on after holding out
+    `eval_size` is a config error naming the game's `key`."""
+    records = distinct(records, field)
     if len(records) <= eval_size:
-        raise ConfigError(key, f"{dataset}: {len(records)} {what}, but eval_size is {eval_size}; need more "
-                               "than that")
-    records = list(records)
+        raise ConfigError(key, f"{dataset}: {len(records)} distinct {what}, but eval_size is {eval_size}; need "
+                               "more than that")
     random.Random(seed).shuffle(records)
     return records[:eval_size], records[eval_size:]
 

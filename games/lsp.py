@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from arena.config import option
-from arena.games.data import load_records, short_records
+from arena.games.data import distinct, load_records, short_records
 from arena.errors import ArenaError, ArenaWarning, ConfigError
 from arena.games.prompts import TEMPERATURE_HINT
 from arena.hookspecs import hookimpl
@@ -193,6 +193,11 @@ class LSPGame(Game):
                 raise ConfigError("eval_dataset", f"{options.eval_dataset}: no prompt of at most "
                                                   f"{options.max_eval_prompt_chars} characters "
                                                   "(max_eval_prompt_chars); raise it or set eval_size=0")
+            records = distinct(records, "prompt")
+            if len(records) < options.eval_size:
+                raise ConfigError("eval_size", f"{options.eval_size}, but {options.eval_dataset} holds "
+                                               f"{len(records)} distinct prompts of at most "
+                                               f"{options.max_eval_prompt_chars} characters; lower it")
             random.Random(env.config.run.seed).shuffle(records)
             self.eval_records = records[:options.eval_size]
         self._roles = {

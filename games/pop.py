@@ -310,7 +310,7 @@ class PopGame(Game):
         self.corpus_digest = hashlib.sha256(json.dumps(documents).encode()).hexdigest()[:16]
         self.eval_documents, self.train_documents = held_out_split(
             documents, options.eval_size, env.config.run.seed, options.corpus,
-            f"documents of at least {options.min_document_words} words", key="corpus")
+            f"documents of at least {options.min_document_words} words", key="corpus", field="text")
         self.cursor = 0
         self.eval_problems: list[dict[str, Any]] | None = None  # written once, at the first evaluation
         self.eval_rejected: list[str] = []
