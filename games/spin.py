@@ -153,7 +153,8 @@ class SpinGame(Game):
         and the mean per-token log-prob of the real responses. Before training the player equals its opponent:
         every margin is 0 and the share is 0.5. Against the base model instead,
         the opponent's own greedy answers would look preferred merely for being modes of a policy close to the
-        player's."""
+        player's. A pair whose opponent answer is empty is left out (None, counted in `empty_pairs`), as training
+        leaves it out."""
         if not self.eval_records:
             return {}
         policy = ctx.policy
@@ -163,24 +164,26 @@ class SpinGame(Game):
         prompts = [self.messages(r) for r in self.eval_records]
         outs = policy.generate(prompts, n=1, max_new_tokens=self.options.max_new_tokens, greedy=True,
                                reference=reference)
-        prompt_ids = [g[0].prompt_ids for g in outs]
         real = [self._real(policy, r["answer"]) for r in self.eval_records]
-        fake = [self._opponent_ids(g[0]) or g[0].completion_ids[:1] for g in outs]
+        fake = [self._opponent_ids(g[0]) for g in outs]
+        # as in training, a pair with an empty side (an opponent that ended at once) is left out, never scored
+        kept = [i for i in range(len(outs)) if real[i] and fake[i]]
         step = policy.suggested_micro_batch()  # in training-sized pieces: the eval must not set the peak memory
-        scores: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for key, ids in (("real", real), ("fake", fake)):
-                for suffix, against in (("", False), ("_ref", reference)):
-                    scores[key + suffix] = torch.cat([
-                        policy.sequence_logprobs(prompt_ids[i:i + step], ids[i:i + step],
-                                                 reference=against).sum(1).cpu()
-                        for i in range(0, len(ids), step)])
-        lengths = torch.tensor([max(1, len(r)) for r in real], dtype=torch.float32)
-        return {
-            "pair_accuracy": held_out_preferences(scores["real"], scores["fake"], scores["real_ref"],
-                                                  scores["fake_ref"]),
-            "real_logprob": (scores["real"] / lengths).tolist(),
-        }
+
+        def summed(ids: list[list[int]], against: bool | str) -> list[float]:
+            with torch.no_grad():
+                return [x for j in range(0, len(kept), step) for x in policy.sequence_logprobs(
+                    [outs[i][0].prompt_ids for i in kept[j:j + step]], [ids[i] for i in kept[j:j + step]],
+                    reference=against).sum(1).tolist()]
+
+        chosen, rejected = summed(real, False), summed(fake, False)
+        preferred = held_out_preferences(torch.tensor(chosen), torch.tensor(rejected),
+                                         torch.tensor(summed(real, reference)), torch.tensor(summed(fake, reference)))
+        accuracy: list[float | None] = [None] * len(outs)
+        logprob: list[float | None] = [None] * len(outs)
+        for j, i in enumerate(kept):
+            accuracy[i], logprob[i] = preferred[j], chosen[j] / len(real[i])
+        return {"pair_accuracy": accuracy, "real_logprob": logprob, "empty_pairs": float(len(outs) - len(kept))}
 
     def held_out_answers(self, ctx: RoundContext) -> list[JudgeItem]:
         """The player's greedy answers to the held-out prompts, with the human response as the reference."""

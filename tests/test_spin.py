@@ -112,3 +112,42 @@ def test_spin_on_the_embedded_model_killed_at_an_opponent_change(tmp_path):
     metrics = list(read_jsonl(run / "metrics.jsonl"))
     assert [m["iteration"] for m in metrics] == [0, 1, 2, 3]
     assert {"eval/pair_accuracy", "eval/real_logprob"} <= set(metrics[-1])
+
+
+def test_an_empty_opponent_answer_is_left_out_of_the_eval_as_of_training(tiny_model_dir, pairs_file):
+    """An opponent that ends at once gives an empty rejected response: training leaves the pair out (reward None),
+    and so does the held-out measure, instead of scoring the end token as if it were the answer."""
+    from arena.config import resolve
+    from arena.interfaces import Env, RoundContext
+    from arena.registry import load_registry
+    import dataclasses
+    import random
+
+    registry = load_registry()
+    config = resolve(registry, "spin", overrides=[f"model.path={tiny_model_dir}", "model.dtype=float32",
+                                                  f"game.dataset={pairs_file}", "game.eval_size=4",
+                                                  "game.prompts_per_round=4", "game.max_new_tokens=6"]).config
+    env = Env(config=config, registry=registry)
+    env.policy = policy = registry.build("backend", config.backend, env)
+    game = registry.build("game", config.game, env)
+    real_generate = policy.generate
+
+    def ends_at_once_on_the_first_prompt(prompts, **kw):
+        """The real generations, but the first prompt's answer is the end token alone (not truncated)."""
+        outs = real_generate(prompts, **kw)
+        g = outs[0][0]
+        outs[0][0] = dataclasses.replace(g, completion_ids=[policy.tokenizer.eos_token_id], logprobs=[-1.0], text="",
+                                         truncated=False)
+        return outs
+
+    policy.generate = ends_at_once_on_the_first_prompt
+    empty = [True] + [False] * 3
+    ctx = RoundContext(iteration=0, policy=policy, judge=None, rng=random.Random(0), env=env)
+    items = game.evaluate_items(ctx)
+    assert [a is None for a in items["pair_accuracy"]] == empty == [v is None for v in items["real_logprob"]]
+    assert all(a == 0.5 for a in items["pair_accuracy"] if a is not None)  # the player is its opponent: ties
+    assert items["empty_pairs"] == sum(empty)
+    game.train_records = game.eval_records  # the same prompts in a training round: those pairs are not trained
+    rejected = [s for s in game.play(RoundContext(iteration=1, policy=policy, judge=None, rng=random.Random(0),
+                                                  env=env)) if s.metadata["pair"] == "rejected"]
+    assert [s.reward is None for s in rejected] == empty
