@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -57,12 +58,36 @@ def _rule_error(value: Any, rules: dict[str, Any]) -> str | None:
     return None
 
 
+def number(key: str, value: Any, ge: float | None = None, gt: float | None = None, nonzero: bool = False) -> float:
+    """`value` as a float if it is a finite number within the bounds (and not 0 with `nonzero`), else a
+    ConfigError naming `key`: for the numbers a schema cannot type (a mix part's weight)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(key, f"{value!r}; expected a finite number")
+    problem = _rule_error(value, {k: v for k, v in (("ge", ge), ("gt", gt)) if v is not None})
+    if problem or (nonzero and value == 0):
+        raise ConfigError(key, problem or f"{value!r}; a part of weight 0 does nothing: leave it out")
+    return float(value)
+
+
+def _finite_problem(value: Any) -> str | None:
+    """Why a float option's value (or a float in its list) is not finite: NaN passes every bound comparison."""
+    values = value if isinstance(value, list) else [value]
+    bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+    return f"{value!r}; expected finite numbers" if bad and isinstance(value, list) else (
+        f"{value!r}; expected a finite number" if bad else None)
+
+
 def check_rules(options: Any, path: str) -> None:
     """Apply every `option(...)` rule and `check()` method of a validated options object, nested dataclasses
-    (and dicts of them) included. Errors name the full key."""
+    (and dicts of them) included; every float is finite (NaN passes any bound). Errors name the full key."""
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
         key = f"{path}.{f.name}" if path else f.name
+        problem = _finite_problem(value)
+        if problem:
+            raise ConfigError(key, problem)
         if value is not None and f.metadata:
             problem = _rule_error(value, f.metadata)
             if problem:

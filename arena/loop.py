@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from arena.config import Resolved
-from arena.errors import ArenaError
+from arena.config import Resolved, check_resume_changes
+from arena.errors import ArenaError, ConfigError
 from arena.interfaces import Env, RoundContext
 from arena.registry import Registry
 from arena.runstore import RunStore, read_jsonl
@@ -110,7 +110,8 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
 
         start = 1
         if resume:
-            meta = store.restore(policy=policy, optimizer=optimizer, game=game)
+            meta = store.restore(policy=policy, optimizer=optimizer, game=game,
+                                 check=lambda meta: check_resume(resolved, meta))
             start = meta["iteration"] + 1 if meta else 1
             store.write_config(resolved.to_yaml())  # the settings a resume may change (docs: README) are kept
         run.start_iteration = run.iteration = start
@@ -153,7 +154,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
             hook.arena_metrics(run=run, step=it, metrics=metrics)
             if it % cfg.run.checkpoint_every == 0 or last:
                 final = store.save_checkpoint(it, policy=policy, optimizer=optimizer, game=game,
-                                              keep=cfg.run.keep_checkpoints)
+                                              keep=cfg.run.keep_checkpoints, config=resolved.tree)
                 hook.arena_checkpoint_saved(run=run, iteration=it, path=str(final))
     except BaseException as exc:
         error = exc
@@ -165,6 +166,21 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
             registry.pm.unregister(name=f"logger:{i}:{cfg.run.loggers[i]}")
         store.unlock()
     return store.root
+
+
+def check_resume(resolved: Resolved, meta: dict[str, Any]) -> None:
+    """Before a checkpoint is loaded: the resumed config may differ from the one it was made with only where a
+    resume may change things (a hand-edited config.yaml is held to the same rule as the command line), and it
+    must not end before the iteration the run has reached."""
+    if isinstance(meta.get("config"), dict):
+        try:
+            check_resume_changes(meta["config"], resolved.tree)
+        except ConfigError as exc:
+            raise ArenaError(f"{exc} (checkpoint {meta['iteration']} was made with the former; config.yaml "
+                             "edited by hand?)") from None
+    if resolved.config.run.iterations < meta["iteration"]:
+        raise ArenaError(f"run.iterations: {resolved.config.run.iterations}, but the run has already played "
+                         f"{meta['iteration']} iterations; give at least {meta['iteration']}")
 
 
 def _baseline(store: RunStore) -> dict[str, float]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from arena.errors import ArenaError
-from arena.runstore import ADAPTER, CHECKPOINTS, GAME_STATE, RunStore
+from arena.runstore import ADAPTER, CHECKPOINTS, GAME_STATE, META, RunStore, all_finite
 
 
 @dataclass
@@ -61,7 +61,7 @@ def open_run(run_dir: str | Path, registry: Any, checkpoint: int | None = None, 
     if not isinstance(game, str):
         raise ArenaError(f"{key} {run_dir}: its config.yaml names no game")
     resolved = resolve(registry, game, overrides=list(overrides), base=saved)
-    done = {int(p.name): p for p in store.complete_checkpoints()}
+    done = {int(p.name): p for p in store.complete_checkpoints() if (p / META).is_file()}
     if not done:
         raise ArenaError(f"{key} {run_dir}: no complete checkpoint yet; a run saves one every "
                          "run.checkpoint_every iterations and at its end")
@@ -86,4 +86,7 @@ def trained_policy(run: TrainedRun, registry: Any) -> Any:
     seed_everything(config.run.seed, 0)
     policy = registry.build("backend", config.backend, Env(config=config, registry=registry))
     policy.load(str(run.checkpoint / ADAPTER))
+    if not all_finite(policy.trainable_parameters()):
+        raise ArenaError(f"{run.checkpoint / ADAPTER}: its weights hold NaN or infinite values; this checkpoint "
+                         "cannot be used (an earlier one may be)")
     return policy

@@ -1,8 +1,8 @@
 """The run folder: config.yaml, samples.jsonl, metrics.jsonl, checkpoints/<iteration>/ and a .lock file.
 
 Layout of a checkpoint, `checkpoints/000012/`: `adapter/` (what `policy.save` writes), `optimizer.pt`,
-`game_state.json` and `meta.json`: the iteration, the byte lengths of both JSONL files at that moment, and the
-size of every other file in the checkpoint.
+`game_state.json` and `meta.json`: the iteration, the byte lengths of both JSONL files at that moment, the size
+and sha256 of every other file in the checkpoint, and the resolved config it was made with.
 
 Lock: a running run holds an exclusive `flock` on `<run>/.lock` (its pid written inside for the message), so a
 second arena process on the same folder stops with one line instead of interleaving records. The kernel drops the
@@ -13,11 +13,14 @@ is written into `checkpoints/.tmp-<iteration>/`, every file and folder in it is 
 renamed into place (and the parent folder fsynced): a folder named like an iteration is complete on disk even
 after a power cut. Lines are strict JSON: a NaN or infinite number is written as null.
 
-Resume: `restore` loads the newest checkpoint that reads back whole. A damaged one (a missing or short file,
-unparsable JSON, a torch or safetensors file that does not load) is named in an ArenaWarning and left in place,
-and the previous one is used. The JSONL files are then cut back to the lengths that checkpoint recorded: lines
-past them belong to a round that will be played again, so a kill -9 at any moment neither loses nor duplicates a
-round. A partial last line from a crash is never parsed as a record.
+Resume: `restore` loads the newest checkpoint that reads back whole. A damaged one (a missing meta.json or other
+file, a size or checksum that differs from meta.json's, unparsable JSON, a torch or safetensors file that does not
+load, weights that are NaN or infinite) is named in an ArenaWarning and set aside as `.damaged-<iteration>`, and
+the previous one is used; the records that rewinding past it cuts are kept in `.rewound-<iteration>/`. The JSONL
+files are then cut back to the lengths that checkpoint recorded: lines past them belong to a round that will be
+played again, so a kill -9 at any moment neither loses nor duplicates a round. A partial last line from a crash
+is never parsed as a record. What only a hand can do is refused with nothing changed: a JSONL file missing or
+shorter than recorded, every checkpoint damaged, or checkpoints gone that metrics.jsonl proves were written.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import os
 import pickle
 import shutil
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,16 +165,18 @@ class RunStore:
     def checkpoint_dir(self, iteration: int) -> Path:
         return self.checkpoints / f"{iteration:06d}"
 
-    def save_checkpoint(self, iteration: int, *, policy: Any, optimizer: Any, game: Any, keep: int = 2) -> Path:
+    def save_checkpoint(self, iteration: int, *, policy: Any, optimizer: Any, game: Any, keep: int = 2,
+                        config: dict[str, Any] | None = None) -> Path:
         """Write the adapter, optimizer state and game state as one checkpoint, durable before it is visible;
-        keep the newest `keep` checkpoints (0: all)."""
+        keep the newest `keep` checkpoints (0: all). `config`, the resolved config it was made with, is kept in
+        its meta.json, so a resume can hold config.yaml to it."""
         import torch
 
         tmp = self.begin_checkpoint(iteration)
         policy.save(str(tmp / ADAPTER))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         (tmp / GAME_STATE).write_text(json.dumps(game.state_dict()))
-        return self.commit_checkpoint(iteration, tmp, keep=keep)
+        return self.commit_checkpoint(iteration, tmp, keep=keep, config=config)
 
     def begin_checkpoint(self, iteration: int) -> Path:
         """A fresh temporary folder to write checkpoint contents into; `commit_checkpoint` publishes it."""
@@ -180,11 +185,15 @@ class RunStore:
         tmp.mkdir(parents=True)
         return tmp
 
-    def commit_checkpoint(self, iteration: int, tmp: Path, keep: int = 2) -> Path:
+    def commit_checkpoint(self, iteration: int, tmp: Path, keep: int = 2, config: dict[str, Any] | None = None) -> Path:
         """Add meta.json, fsync everything, rename into place, prune."""
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
         meta = {"iteration": iteration, "samples_bytes": self._size(self.samples_path),
-                "metrics_bytes": self._size(self.metrics_path), "files": files}
+                "metrics_bytes": self._size(self.metrics_path),
+                "files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in written},
+                "sha256": {p.relative_to(tmp).as_posix(): _sha256(p) for p in written}}
+        if config is not None:
+            meta["config"] = config
         (tmp / META).write_text(json.dumps(meta))
         _fsync_tree(tmp)
         final = self.checkpoint_dir(iteration)
@@ -198,55 +207,112 @@ class RunStore:
         return final
 
     def complete_checkpoints(self) -> list[Path]:
-        """Renamed checkpoint folders, oldest first (a `.tmp-` folder or one without meta.json is not one)."""
+        """Renamed checkpoint folders, oldest first (a `.tmp-` folder is not one). A folder is renamed into place
+        only after its meta.json is on disk, so one without it was damaged after the fact: `restore` names it."""
         if not self.checkpoints.is_dir():
             return []
-        done = [p for p in self.checkpoints.iterdir()
-                if p.is_dir() and p.name.isdigit() and (p / META).is_file()]
+        done = [p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.isdigit()]
         return sorted(done, key=lambda p: int(p.name))
 
     def latest_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
-        done = self.complete_checkpoints()
+        done = [p for p in self.complete_checkpoints() if (p / META).is_file()]
         if not done:
             return None
         return done[-1], json.loads((done[-1] / META).read_text())
 
-    def restore(self, *, policy: Any, optimizer: Any, game: Any) -> dict[str, Any] | None:
+    def restore(self, *, policy: Any, optimizer: Any, game: Any,
+                check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
         """Load the newest checkpoint that reads back whole into policy, optimizer and game, rewind the JSONL
-        files to it and return its meta (None: no checkpoint, start over). A damaged checkpoint is warned about
-        and skipped, never deleted; if every one is damaged, stop and change nothing."""
+        files to it and return its meta (None: no checkpoint, start over). `check(meta)` runs first, before
+        anything is loaded or cut (a resume's config against the checkpoint's). A damaged checkpoint is warned
+        about and set aside, never deleted, and the records cut back past it are kept beside it; if every one is
+        damaged, or a checkpoint the records prove was written is gone, stop and change nothing."""
         damaged: list[tuple[Path, str]] = []
         done = self.complete_checkpoints()
-        for i, path in enumerate(reversed(done)):
+        for path in reversed(done):
             try:
                 meta, opt_state, game_state = _read_checkpoint(path)
+                if check is not None:
+                    check(meta)
                 _load_adapter(policy, path)
             except _Damage as d:
-                damaged.append((path, f"{d.file} ({d.reason})"))
-                if i + 1 < len(done):
-                    warnings.warn(f"{d.file}: damaged checkpoint ({d.reason}); using the previous one",
-                                  ArenaWarning, stacklevel=2)
+                damaged.append((path, f"{d.file}: damaged checkpoint ({d.reason})"))
                 continue
+            for _, text in damaged:  # said once a good one is found: with none, the error says it all
+                warnings.warn(f"{text}; using the previous one", ArenaWarning, stacklevel=2)
+            if not damaged:
+                self._check_none_missing(meta["iteration"])
             try:
                 optimizer.load_state_dict(opt_state)
                 game.load_state_dict(game_state)
             except Exception as exc:  # noqa: BLE001 - the files read fine: the run's config no longer fits them
                 raise ArenaError(f"{path}: this checkpoint does not fit the run's components "
                                  f"({_reason(exc)})") from None
+            self._keep_tail(meta, damaged)
             for bad, _ in damaged:  # set aside, kept: an abandoned future that must not be pruned in place of
                 _set_aside(bad)     # a good checkpoint, nor restored over rounds played since
             self.rewind(meta)
             return meta
         if damaged:
             raise ArenaError(f"run.dir {self.root}: every checkpoint is damaged: "
-                             f"{'; '.join(text for _, text in damaged)}; nothing was changed")
+                             f"{'; '.join(text.replace(': damaged checkpoint', '') for _, text in damaged)}; "
+                             "nothing was changed")
+        self._check_none_missing(0)
         self.rewind(None)
         return None
+
+    def _check_none_missing(self, restored: int) -> None:
+        """Refuse to rewind past a checkpoint that metrics.jsonl proves was written: a round's record comes after
+        the previous round's checkpoint, so a record of iteration L after a checkpoint-due iteration i < L means
+        checkpoint i existed (pruning keeps the newest). Cutting back to `restored` would then drop trained
+        rounds; checkpoints/ was deleted or emptied by hand."""
+        every = self._saved_checkpoint_every()
+        iterations = [r.get("iteration") for r in _records(self.metrics_path)]
+        later = [i for i in iterations if isinstance(i, int) and i > restored]
+        if not later:
+            return
+        last = max(later)
+        due = [i for i in later if i < last and i % every == 0]
+        if due:
+            had = f"checkpoint {restored}" if restored else "no checkpoint"
+            raise ArenaError(f"run.dir {self.root}: metrics.jsonl records iterations up to {last}, so checkpoint "
+                             f"{max(due)} was written, but {self.checkpoints} holds {had} after it (deleted or "
+                             "moved by hand?); resuming would cut the trained rounds. Nothing was changed: put the "
+                             "checkpoints back, or start a new run")
+
+    def _saved_checkpoint_every(self) -> int:
+        """run.checkpoint_every of the run as it was played (config.yaml before this resume rewrites it)."""
+        import yaml
+
+        try:
+            every = (yaml.safe_load(self.config_path.read_text()) or {}).get("run", {}).get("checkpoint_every", 1)
+        except (OSError, yaml.YAMLError, AttributeError):
+            return 1
+        return every if isinstance(every, int) and every > 0 else 1
+
+    def _keep_tail(self, meta: dict[str, Any], damaged: list[tuple[Path, str]]) -> None:
+        """Before a rewind past a damaged checkpoint: the records it cuts (rounds the damaged checkpoints had
+        trained) are copied to checkpoints/.rewound-<iteration>/, so nothing written is lost."""
+        if not damaged:
+            return
+        target, n = self.checkpoints / f".rewound-{meta['iteration']:06d}", 1
+        while target.exists():
+            target, n = self.checkpoints / f".rewound-{meta['iteration']:06d}-{n}", n + 1
+        target.mkdir()
+        for path, key in ((self.samples_path, "samples_bytes"), (self.metrics_path, "metrics_bytes")):
+            if path.exists():
+                with path.open("rb") as f:
+                    f.seek(meta[key])
+                    (target / path.name).write_bytes(f.read())
+        _fsync_tree(target)
 
     def rewind(self, meta: dict[str, Any] | None) -> None:
         """Cut the JSONL files back to a checkpoint's recorded lengths (to empty with no checkpoint)."""
         for path, key in ((self.samples_path, "samples_bytes"), (self.metrics_path, "metrics_bytes")):
             size = meta[key] if meta else 0
+            if not path.exists() and size:
+                raise ArenaError(f"{path}: missing, but its checkpoint recorded {size} bytes of it; the run folder "
+                                 "was changed by hand. Nothing was changed: put the file back, or start a new run")
             if path.exists():
                 if path.stat().st_size < size:
                     raise ArenaError(f"{path}: shorter than its checkpoint recorded ({size} bytes); the run "
@@ -255,6 +321,32 @@ class RunStore:
                     f.truncate(size)
         for tmp in self.checkpoints.glob(".tmp-*") if self.checkpoints.is_dir() else []:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    """read_jsonl that skips a line which is not a JSON object (a hand-edited file) instead of failing on it."""
+    if not path.exists():
+        return
+    with path.open("rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                return
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class _Damage(Exception):
@@ -295,6 +387,8 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Any, dict[str, Any]]:
                 raise _Damage(path / name, _reason(exc)) from exc
             raise
 
+    if not (path / META).is_file():
+        raise _Damage(path / META, "missing")
     meta = read(META, lambda p: json.loads(p.read_bytes()))
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int)
                                              for k in ("iteration", "samples_bytes", "metrics_bytes")):
@@ -303,9 +397,21 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Any, dict[str, Any]]:
         actual = (path / name).stat().st_size if (path / name).is_file() else None
         if actual != size:
             raise _Damage(path / name, "missing" if actual is None else f"{actual} bytes, {size} written")
+    for name, digest in (meta.get("sha256") or {}).items():  # nor checksums
+        if _sha256(path / name) != digest:
+            raise _Damage(path / name, "its bytes changed since it was written (sha256)")
     opt_state = read(OPTIMIZER, lambda p: torch.load(p, map_location="cpu", weights_only=False))
     game_state = read(GAME_STATE, lambda p: json.loads(p.read_bytes()))
     return meta, opt_state, game_state
+
+
+def all_finite(tensors: Iterable[Any]) -> bool:
+    """Whether every value of every tensor is finite: weights with a NaN or an infinity are never saved, restored
+    or exported (one device sync for all of them)."""
+    import torch
+
+    checks = [torch.isfinite(t.detach()).all() for t in tensors]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def _load_adapter(policy: Any, path: Path) -> None:
@@ -319,6 +425,9 @@ def _load_adapter(policy: Any, path: Path) -> None:
             raise _Damage(adapter, _reason(exc)) from exc
         # a shape mismatch is no damage: the run's config (its LoRA shape, its model) no longer fits the files
         raise ArenaError(f"{adapter}: does not fit the run's model ({_reason(exc)})") from None
+    trainable = getattr(policy, "trainable_parameters", None)
+    if trainable is not None and not all_finite(trainable()):
+        raise _Damage(adapter, "its weights hold NaN or infinite values")
 
 
 def _set_aside(path: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from arena.errors import ArenaError, ConfigError
 from arena.interfaces import Env, Optimizer
+from arena.runstore import all_finite
 
 
 def check_adam_betas(betas: list[float]) -> None:
@@ -43,6 +44,9 @@ class AdamWOptimizer(Optimizer):
             self.torch_optimizer.zero_grad(set_to_none=True)
             raise ArenaError(f"the gradient norm is {grad_norm}{unchanged(epoch)}")
         self.torch_optimizer.step()
+        if not all_finite(self.params):  # e.g. an lr so high the step overflows: stop before a checkpoint has it
+            raise ArenaError(f"the update made the weights NaN or infinite (optimizer.lr {self.options.lr} too "
+                             "high?); nothing of it was saved: the last checkpoint holds the weights before it")
         return grad_norm
 
     def state_dict(self) -> dict[str, Any]:

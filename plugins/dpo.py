@@ -32,7 +32,7 @@ class RoleWeight:
 
 @dataclass
 class DPOOptions:
-    lr: float = option(1e-5, gt=0.0)
+    lr: float = option(1e-5, gt=0.0, le=1.0)  # AdamW: a step moves each weight by up to about lr
     beta: float = option(0.1, gt=0.0)  # how far from the reference the policy may go (IPO: target margin 1/(2β))
     loss: str = option("sigmoid", choices=KINDS)  # sigmoid: DPO and SPIN; ipo: squared; hinge: SLiC
     # None: each pair's metadata["reference"], else the base model; "base": always the base model; any other

@@ -31,7 +31,7 @@ class RoleObjective:
 
 @dataclass
 class GRPOOptions:
-    lr: float = option(1e-5, gt=0.0)
+    lr: float = option(1e-5, gt=0.0, le=1.0)  # AdamW: a step moves each weight by up to about lr
     beta: float = option(0.05, ge=0.0)  # KL to the reference (k3 estimator); 0 skips the reference pass entirely
     epsilon: float = option(0.2, gt=0.0, le=1.0)  # ratio clip range [1 - epsilon, 1 + epsilon_high]
     epsilon_high: Optional[float] = option(None, gt=0.0)  # None: same as epsilon

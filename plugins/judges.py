@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from arena.config import model_path_problem, option
+from arena.config import model_path_problem, number, option
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Judge, Policy
@@ -400,10 +400,8 @@ class Mix(Judge):
             spec = {"name": spec} if isinstance(spec, str) else dict(spec) if isinstance(spec, dict) else spec
             if not isinstance(spec, dict):
                 raise ConfigError(f"judges.{i}", f"expected a judge name or {{name: ..., weight: ...}}, got {spec!r}")
-            weight = spec.pop("weight", 1.0)
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-                raise ConfigError(f"judges.{i}.weight", f"expected a number, got {weight!r}")
-            parts.append((i, spec, float(weight)))
+            # a negative weight subtracts a judge's score: a penalty (length, format)
+            parts.append((i, spec, number(f"judges.{i}.weight", spec.pop("weight", 1.0), nonzero=True)))
         return parts
 
     @classmethod

@@ -17,12 +17,11 @@ rewards) are errors when the config resolves (for games that declare `role_names
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from arena.config import Component, option, validate_component
+from arena.config import Component, number, option, validate_component
 from arena.errors import ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env
@@ -36,7 +35,7 @@ EXAMPLE = ("optimizer: {name: mix, parts: [{name: grpo, trains: [solver]}, "
 @dataclass
 class MixOptions:
     parts: list[Any] = field(default_factory=list)  # [{name: X, trains: [roles], weight: w, ...X's options}, ...]
-    lr: float = option(1e-5, gt=0.0)
+    lr: float = option(1e-5, gt=0.0, le=1.0)  # AdamW: a step moves each weight by up to about lr
     weight_decay: float = option(0.0, ge=0.0)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float = option(1.0, ge=0.0)  # 0: no clipping
@@ -78,8 +77,7 @@ class MixOptimizer(AdamWOptimizer):
             if not isinstance(roles, list) or not roles or not all(isinstance(r, str) for r in roles):
                 raise ConfigError(f"{key}.trains", f"expected a list of the role names this part trains, got "
                                                    f"{roles!r}")
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf:
-                raise ConfigError(f"{key}.weight", f"expected a finite number >= 0, got {weight!r}")
+            weight = number(f"{key}.weight", weight, ge=0.0)
             entry = registry.get("optimizer", spec.get("name"), key)
             if not hasattr(entry.obj, "accumulate"):
                 raise ConfigError(f"{key}.name", f"optimizer {entry.name!r} cannot be mixed: it has no "

@@ -572,3 +572,51 @@ def test_an_item_given_another_name_starts_afresh(registry):
 def test_indexed_overrides_that_cannot_apply_are_one_line_errors(capsys, overrides, path, words):
     rc, _, err = run_cli(capsys, "config", "lsp", *overrides)
     assert_one_line_error(rc, err, path, words)
+
+
+# -- every number is finite: NaN passes any bound comparison, inf a lower bound ---------------------------------
+
+def _float_keys(options_cls, prefix):
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(options_cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(default, float):
+            out.append(f"{prefix}.{f.name}")
+        elif dataclasses.is_dataclass(default):
+            out += _float_keys(type(default), f"{prefix}.{f.name}")
+    return out
+
+
+def test_every_float_option_refuses_nan_and_infinity(registry):
+    checked = 0
+    for select, prefix, options in _ruled_components(registry):
+        games = registry.names("game") if prefix == "game" else ["prompts"]
+        for game in games:
+            if prefix == "game" and options is not registry.entries["game"][game].obj.Options:
+                continue
+            for key in _float_keys(options, prefix):
+                for bad in (".nan", ".inf", "-.inf"):
+                    with pytest.raises(ConfigError, match="expected a finite number") as exc:
+                        resolve(registry, game, overrides=[*select, f"{key}={bad}"])
+                    assert exc.value.path == key
+                    checked += 1
+    assert checked > 60
+
+
+@pytest.mark.parametrize("override, path, words", [
+    ("optimizer.lr=inf", "optimizer.lr", "expected a finite number"),
+    ("optimizer.lr=nan", "optimizer.lr", "expected a finite number"),
+    ("optimizer.adam_betas=[.nan,0.9]", "optimizer.adam_betas", "expected finite numbers"),
+    ("optimizer.roles.assistant.weight=.nan", "optimizer.roles.assistant.weight", "finite"),
+    ("judge={name: mix, judges: [{name: self_reward, weight: .nan}]}", "judge.judges.0.weight", "finite"),
+    ("judge={name: mix, judges: [{name: self_reward, weight: .inf}]}", "judge.judges.0.weight", "finite"),
+    ("judge={name: mix, judges: [{name: self_reward, weight: 0}]}", "judge.judges.0.weight", "weight 0 does nothing"),
+    ("judge={name: mix, judges: [{name: self_reward, weight: -.inf}]}", "judge.judges.0.weight", "finite"),
+    ("optimizer={name: mix, parts: [{name: grpo, trains: [assistant], weight: .nan}]}", "optimizer.parts.0.weight",
+     "finite"),
+])
+def test_non_finite_numbers_are_one_line_errors(capsys, override, path, words):
+    rc, _, err = run_cli(capsys, "config", "prompts", override)
+    assert_one_line_error(rc, err, path, words)

@@ -43,7 +43,8 @@ def test_a_second_process_cannot_use_a_running_run_folder(tiny_config, tmp_path,
     finally:
         busy.kill()
         busy.wait()
-    rc, out, _ = _play(capsys, "play", "prompts", "--resume", str(run), "run.iterations=2")  # kill -9 freed it
+    played = max(int(p.parent.name) for p in run.glob("checkpoints/0*/meta.json"))
+    rc, out, _ = _play(capsys, "play", "prompts", "--resume", str(run), f"run.iterations={played + 1}")  # kill -9 freed it
     assert rc == 0 and "resuming at iteration" in out
 
 

@@ -3,6 +3,7 @@ with a fallback past damaged ones, rewinding on resume, pruning."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -115,7 +116,8 @@ def test_checkpoint_is_written_under_a_temporary_name_then_renamed(store):
     assert os.stat(final / "adapter.bin").st_ino == inode  # moved, not copied
     meta = json.loads((final / META).read_text())
     assert meta == {"iteration": 1, "samples_bytes": store.samples_path.stat().st_size,
-                    "metrics_bytes": store.metrics_path.stat().st_size, "files": {"adapter.bin": 7}}
+                    "metrics_bytes": store.metrics_path.stat().st_size, "files": {"adapter.bin": 7},
+                    "sha256": {"adapter.bin": hashlib.sha256(b"weights").hexdigest()}}
     assert meta["samples_bytes"] > 0 and meta["metrics_bytes"] > 0
 
 
@@ -136,7 +138,8 @@ def test_only_complete_checkpoints_count(store):
     tmp = store.begin_checkpoint(8)  # a checkpoint cut short before its rename
     (tmp / META).write_text(json.dumps({"iteration": 8, "samples_bytes": 0, "metrics_bytes": 0}))
     (store.checkpoints / "000009").write_text("a file, not a folder")
-    assert [p.name for p in store.complete_checkpoints()] == ["000001", "000002"]
+    # a renamed folder always had its meta.json: one without it was damaged later, and restore must name it
+    assert [p.name for p in store.complete_checkpoints()] == ["000001", "000002", "000007"]
     path, meta = store.latest_checkpoint()
     assert path.name == "000002" and meta["iteration"] == 2
 
@@ -144,7 +147,6 @@ def test_only_complete_checkpoints_count(store):
 def test_checkpoints_sort_numerically(store):
     for it in (9, 10, 100):
         checkpoint(store, it)
-    (store.checkpoints / "000011").mkdir()
     assert [p.name for p in store.complete_checkpoints()] == ["000009", "000010", "000100"]
     assert store.latest_checkpoint()[1]["iteration"] == 100
 
@@ -361,11 +363,11 @@ def scramble(path: Path) -> None:
     path.write_bytes(bytes(b ^ 0x5A for b in path.read_bytes()))
 
 
-# (file to damage, how, the file the warning names: a scrambled adapter is named by its folder, since only
-# the backend reads inside it; a missing folder by its first missing file)
+
+
 DAMAGE = [
     ("optimizer.pt", truncate, None), ("optimizer.pt", scramble, None), ("optimizer.pt", Path.unlink, None),
-    (f"adapter/{ADAPTER_FILE}", truncate, None), (f"adapter/{ADAPTER_FILE}", scramble, "adapter"),
+    (f"adapter/{ADAPTER_FILE}", truncate, None), (f"adapter/{ADAPTER_FILE}", scramble, None),
     (f"adapter/{ADAPTER_FILE}", Path.unlink, None), ("adapter", shutil.rmtree, "adapter/adapter_config.json"),
     ("game_state.json", truncate, None), ("game_state.json", scramble, None), ("game_state.json", Path.unlink, None),
     ("meta.json", truncate, None), ("meta.json", scramble, None),
@@ -420,11 +422,12 @@ def test_a_damaged_newer_checkpoint_never_takes_a_good_ones_place(store):
                                          (f"adapter/{ADAPTER_FILE}", "SafetensorError: "),
                                          ("game_state.json", "JSONDecodeError: ")])
 def test_damage_is_found_by_reading_when_meta_has_no_file_list(store, name, reason):
-    """Checkpoints written before meta.json listed file sizes: a cut-off file shows when it is parsed."""
+    """Checkpoints written before meta.json listed file sizes and checksums: a cut-off file shows when it is
+    parsed."""
     save(store, 1)
     save(store, 2)
     meta = json.loads((store.checkpoint_dir(2) / META).read_text())
-    del meta["files"]
+    del meta["files"], meta["sha256"]
     (store.checkpoint_dir(2) / META).write_text(json.dumps(meta))
     truncate(store.checkpoint_dir(2) / name)
     named = "adapter" if name.startswith("adapter") else name
@@ -443,7 +446,8 @@ def test_every_checkpoint_damaged_stops_and_changes_nothing(store):
     (store.checkpoint_dir(2) / "game_state.json").unlink()
     before = snapshot(store.root)
     parts = fresh()
-    with pytest.warns(ArenaWarning), pytest.raises(ArenaError) as exc:
+    with warnings.catch_warnings(), pytest.raises(ArenaError) as exc:
+        warnings.simplefilter("error")  # no "using the previous one" when there is none: the error says it all
         store.restore(**parts)
     message = str(exc.value)
     assert "\n" not in message and f"run.dir {store.root}" in message
