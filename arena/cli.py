@@ -177,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     except ArenaError as exc:
         print(f"arena: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a full disk, a read-only folder, a path under /proc: one line naming the file
+        if exc.strerror is None:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"arena: error: {where}{exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -171,18 +171,25 @@ class RunOptions:
     loggers: list[str] = field(default_factory=lambda: ["console"])
 
     def check(self) -> None:
-        if self.dir is None:
-            return
-        path = Path(self.dir).expanduser()
-        if path.exists() and not path.is_dir():
-            raise ConfigError("dir", f"{self.dir} is a file; expected a folder for the run")
-        parent = next(p for p in (path, *path.parents) if p.exists())
-        if not parent.is_dir():
-            raise ConfigError("dir", f"{self.dir}: {parent} is a file, not a folder")
-        try:  # the only sure test that the folder can be made there (root may write anywhere but /proc)
-            os.rmdir(tempfile.mkdtemp(prefix=".arena-probe-", dir=parent))
-        except OSError as exc:
-            raise ConfigError("dir", f"{self.dir}: cannot create a folder in {parent} ({exc.strerror})") from None
+        problem = self.dir is not None and folder_problem(self.dir)
+        if problem:
+            raise ConfigError("dir", f"{self.dir}: {problem}")
+
+
+def folder_problem(folder: str | Path) -> str | None:
+    """Why `folder` cannot be made or written (it is a file, sits under one, or its file system refuses), or
+    None: checked before work whose output would go there, so that nothing produced is lost to a bad path."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        return "is a file; expected a folder"
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    try:  # the only sure test that it can be written there (root may write anywhere but /proc)
+        os.rmdir(tempfile.mkdtemp(prefix=".arena-probe-", dir=parent))
+    except OSError as exc:
+        return f"cannot create a folder in {parent} ({exc.strerror})"
+    return None
 
 
 @dataclass

@@ -345,13 +345,19 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def write_results(results: dict[str, Any], runs: list[Any]) -> list[Path]:
-    """The results as JSON in each run's `evals/` folder, named by checkpoint and time; written beside and renamed,
-    so a file there is whole."""
+def write_results(results: dict[str, Any], runs: list[Any], out: Path | None = None) -> list[Path]:
+    """The results as JSON in each run's `evals/` folder, named by checkpoint and time (or in `out` alone);
+    written beside and renamed, so a file there is whole."""
     from arena.runstore import finite_json
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     text = json.dumps(finite_json(results), indent=1)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+        return [out]
     paths = []
     for run in runs:
         folder = run.dir / "evals"

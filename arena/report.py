@@ -6,6 +6,7 @@ test can hold them against the files."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def read_run(path: str | Path, registry: Any = None) -> RunRecord:
         raise ArenaError(f"RUN {path}: no config.yaml and metrics.jsonl there; expected a run folder")
     config = OmegaConf.to_container(OmegaConf.load(store.config_path))
     game = str((config.get("game") or {}).get("name", "?"))
-    metrics = list(read_jsonl(store.metrics_path))
+    metrics = metrics_records(store.metrics_path)
     if not metrics:
         raise ArenaError(f"RUN {path}: metrics.jsonl holds no iteration yet")
     headline: tuple[str, ...] = ()
@@ -62,13 +63,41 @@ def read_run(path: str | Path, registry: Any = None) -> RunRecord:
     return RunRecord(Path(path), Path(path).name, game, metrics, headline)
 
 
+def metrics_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line that is not a JSON object with an integer `iteration` (a file
+    edited or damaged by hand) is one error naming the file and the line. Values that are not numbers are left
+    for `report_series` to skip."""
+    records = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n") or not raw.strip():
+                continue  # a last line cut short by a crash, or a blank one
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                record = None
+            if not (isinstance(record, dict) and isinstance(record.get("iteration"), int)
+                    and not isinstance(record["iteration"], bool)):
+                raise ArenaError(f"{path}:{number}: not a metrics record (expected a JSON object with an integer "
+                                 "\"iteration\"); the file was changed by hand")
+            records.append(record)
+    return records
+
+
+def _number(value: Any) -> float | None:
+    """A metric value as a float, or None where it is not a finite number (null, text, a hand-edited list)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def report_series(run: RunRecord) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Per panel (PANELS, plus `game` for the game's headline metrics), per metric key, the (iteration, value)
     points the run recorded: every finite value of metrics.jsonl, in iteration order."""
     panels = {name: dict[str, list[tuple[int, float]]]() for name in (*PANELS, "game")}
     for record in sorted(run.metrics, key=lambda r: r["iteration"]):
         for key, value in record.items():
-            if key == "iteration" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if key == "iteration" or _number(value) is None:
                 continue
             if key == "time/iteration" or key == "eval/valid_frac":
                 continue
@@ -127,16 +156,28 @@ def summary(run: RunRecord) -> list[str]:
     """A few lines per run: iterations, each held-out score first -> last, the last rewards, total time."""
     done = [r for r in run.metrics if r["iteration"] > 0]
     lines = [f"{run.name} ({run.game}): {len(done)} iterations, "
-             f"{sum(r.get('time/iteration') or 0.0 for r in done) / 60:.1f} min"]
+             f"{sum(_number(r.get('time/iteration')) or 0.0 for r in done) / 60:.1f} min"]
     for key, points in sorted(run.series.get("heldout", {}).items()):
         (i0, first), (i1, last) = points[0], points[-1]
         lines.append(f"  {key}: {first:.4g} (it {i0}) -> {last:.4g} (it {i1}), {last - first:+.3g}")
     if done:
         last = done[-1]
-        rewards = "  ".join(f"{k} {v:.3g}" for k, v in sorted(last.items()) if k.startswith("reward/") and v is not None)
+        rewards = "  ".join(f"{k} {v:.3g}" for k, v in sorted(last.items())
+                            if k.startswith("reward/") and _number(v) is not None)
         if rewards:
             lines.append(f"  last rewards (it {last['iteration']}): {rewards}")
     return lines
+
+
+def _spans(numbers: list[int]) -> str:
+    """1,2,3,5 -> '1-3, 5'."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def extreme_samples(run: RunRecord, iterations: list[int], per_role: int = 1) -> list[dict[str, Any]]:
@@ -171,6 +212,11 @@ def report(paths: list[str], out: str | None = None, iterations: list[int] | Non
     runs = [read_run(p, registry) for p in paths]
     for run in runs:
         run.series = report_series(run)
+        played = {r["iteration"] for r in run.metrics if r["iteration"] > 0}
+        missing = sorted(set(iterations or ()) - played)
+        if missing:
+            raise ArenaError(f"--iterations {','.join(map(str, iterations))}: {run.dir} has no iteration "
+                             f"{missing[0]}; it played {_spans(sorted(played)) or 'none yet'}")
     folder = Path(out) if out else runs[0].dir / "report"
     files = plot(runs, folder)
     (folder / "series.json").write_text(json.dumps({run.name: run.series for run in runs}, indent=1))

@@ -25,6 +25,7 @@ shorter than recorded, every checkpoint damaged, or checkpoints gone that metric
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -104,8 +105,12 @@ class RunStore:
 
     def write_config(self, config_yaml: str) -> None:
         tmp = self.config_path.with_suffix(".yaml.tmp")
-        tmp.write_text(config_yaml)
-        tmp.replace(self.config_path)
+        with _writing(self.config_path):
+            try:
+                tmp.write_text(config_yaml)
+                tmp.replace(self.config_path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     # -- the lock ---------------------------------------------------------------------------------------------
     def lock(self) -> RunStore:
@@ -147,7 +152,7 @@ class RunStore:
     # -- records ----------------------------------------------------------------------------------------------
     def _append(self, path: Path, records: Iterable[dict[str, Any]]) -> None:
         data = "".join(json.dumps(finite_json(r), ensure_ascii=False, allow_nan=False) + "\n" for r in records)
-        with path.open("a", encoding="utf-8") as f:
+        with _writing(path), path.open("a", encoding="utf-8") as f:  # a line cut short is never read as a record
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -172,11 +177,12 @@ class RunStore:
         its meta.json, so a resume can hold config.yaml to it."""
         import torch
 
-        tmp = self.begin_checkpoint(iteration)
-        policy.save(str(tmp / ADAPTER))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        (tmp / GAME_STATE).write_text(json.dumps(game.state_dict()))
-        return self.commit_checkpoint(iteration, tmp, keep=keep, config=config)
+        with _writing(self.checkpoint_dir(iteration)):  # the previous checkpoints stay whole
+            tmp = self.begin_checkpoint(iteration)
+            policy.save(str(tmp / ADAPTER))
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+            (tmp / GAME_STATE).write_text(json.dumps(game.state_dict()))
+            return self.commit_checkpoint(iteration, tmp, keep=keep, config=config)
 
     def begin_checkpoint(self, iteration: int) -> Path:
         """A fresh temporary folder to write checkpoint contents into; `commit_checkpoint` publishes it."""
@@ -347,6 +353,20 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A write that fails (a full disk, a read-only folder) is one error naming the file; what was written
+    before it (records, complete checkpoints) stays whole."""
+    try:
+        yield
+    except OSError as exc:
+        raise ArenaError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+    except RuntimeError as exc:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        if "file write failed" not in str(exc) and "unexpected pos" not in str(exc):
+            raise
+        raise ArenaError(f"{path}: cannot write it ({_reason(exc)})") from None
 
 
 class _Damage(Exception):

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from arena.config import folder_problem
 from arena.errors import ArenaError
 from arena.hookspecs import hookimpl
 
@@ -25,8 +26,10 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", metavar="FILE",
                         help="a JSONL of {\"prompt\", \"answer\"} to use as the held-out set, scored by the "
                              "run's judge, instead of the game's own")
-    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
                         help="answer length for --prompts (default 128)")
+    parser.add_argument("--out", metavar="FILE",
+                        help="write the results JSON here instead of into each run's evals/ folder")
     parser.set_defaults(overrides=[])  # key=value items after an option land here (arena.cli.main)
 
 
@@ -57,13 +60,25 @@ def run_eval(args: argparse.Namespace) -> int:
     from arena.runs import open_target
 
     paths, overrides, compare = split_eval_args([*args.targets, *args.overrides])
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and not args.prompts:
+        raise ArenaError(f"--max-new-tokens {args.max_new_tokens}: sets the answer length for --prompts only; the "
+                         "game's own held-out set uses the run's settings")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ArenaError(f"--max-new-tokens {args.max_new_tokens}: expected a positive number of tokens")
-    prompts = PromptFile(args.prompts, args.max_new_tokens) if args.prompts else None  # read before any model loads
+    prompts = (PromptFile(args.prompts, args.max_new_tokens or 128) if args.prompts
+               else None)  # read before any model loads
     check_overrides(overrides)
     registry = load_registry()
     validate_component(registry, "judge", compare, "compare")
     runs = [open_target(p, registry, args.checkpoint, overrides) for p in paths]
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise ArenaError(f"--out {out}: is a folder; expected the path of a JSON file to write")
+    for folder, key in ([(out.parent, "--out")] if out else [(run.dir / "evals", f"RUN {run.dir}") for run in runs]):
+        problem = folder_problem(folder)  # before minutes of evaluation whose results would then be lost
+        if problem:
+            raise ArenaError(f"{key}: cannot write the results to {folder}: {problem}"
+                             + ("" if out else "; give --out FILE to write them elsewhere"))
     results = evaluate_runs(runs, registry, compare, prompts, say=lambda line: print(line, flush=True))
     header, rows = table_rows(results)
     table = Table(title=f"{results['held_out']} ({INTERVAL})")
@@ -72,7 +87,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for row in rows:
         table.add_row(*row)
     Console(width=max(100, Console().width)).print(table)
-    print("wrote " + ", ".join(str(p) for p in write_results(results, runs)))
+    print("wrote " + ", ".join(str(p) for p in write_results(results, runs, out)))
     return 0
 
 
@@ -92,6 +107,9 @@ def run_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ArenaError(f"OUT {out}: already exists and is not an empty folder; choose a new one")
+    problem = folder_problem(out)  # before the model loads
+    if problem:
+        raise ArenaError(f"OUT {out}: {problem}")
     registry = load_registry()
     run = open_run(args.run, registry, args.checkpoint)
     policy = trained_policy(run, registry)
@@ -128,6 +146,9 @@ def run_report(args: argparse.Namespace) -> int:
         except ValueError:
             raise ArenaError(f"--iterations {args.iterations}: expected iteration numbers separated by commas, "
                              "e.g. 1,10") from None
+    problem = args.out and folder_problem(args.out)
+    if problem:
+        raise ArenaError(f"--out {args.out}: {problem}")
     files, lines = report(args.runs, args.out, iterations, load_registry())
     print("\n".join(lines))
     print("wrote " + ", ".join(str(f) for f in files))
