@@ -107,6 +107,27 @@ def check_rules(options: Any, path: str) -> None:
             raise ConfigError(f"{path}.{exc.path}" if path and exc.path else (exc.path or path), exc.detail) from None
 
 
+def check_template(key: str, template: str | None, fields: tuple[str, ...], required: tuple[str, ...]) -> None:
+    """A prompt template given as an option must be a format string over `fields` that uses every one of
+    `required` (a judge template without {response} would rate every answer alike), or it fails on the first
+    prompt, or trains on nonsense."""
+    if template is None:
+        return
+    import string
+
+    try:
+        used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        template.format(**{f: "" for f in fields})
+    except (KeyError, IndexError, ValueError) as exc:
+        why = (f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, KeyError) else
+               f"{exc}; write a literal brace as {{{{ or }}}}")
+        raise ConfigError(key, f"not a format string over {', '.join('{' + f + '}' for f in fields)} "
+                               f"({why})") from None
+    missing = [f for f in required if f not in used]
+    if missing:
+        raise ConfigError(key, f"has no {{{missing[0]}}}; it must use {', '.join('{' + f + '}' for f in required)}")
+
+
 def cache_dir() -> Path:
     """Where arena keeps what it derives once (the converted embedded model, extracted data): `ARENA_CACHE`, else
     `$XDG_CACHE_HOME/arena`, else ~/.cache/arena."""

@@ -388,7 +388,7 @@ class RoundContext:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Mark a phase (generate, judge, ...) for progress displays: calls the phase hooks with tokens/s."""
-        hook = self.env.registry.pm.hook
+        hook = self.env.registry.hooks
         run = self.env.run
         hook.arena_phase_start(run=run, phase=name)
         tokens0, t0 = self.policy.generated_tokens, time.perf_counter()

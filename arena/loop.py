@@ -35,6 +35,7 @@ class Run:
     notes: dict[str, str] = field(default_factory=dict)  # the last round's texts for displays (RoundContext.notes)
     game: Any = None
     policy: Any = None
+    resumable: bool = True  # false once a new run stops before its first checkpoint: its folder is removed
 
 
 def default_run_dir(game: str) -> Path:
@@ -82,6 +83,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
         raise ArenaError(f"--resume {store.root}: no config.yaml there; expected a run directory")
     if not resume:
         store.check_new()
+        made_folder = not store.root.exists()
     else:
         store.lock()
     if cfg.run.threads > 0:
@@ -93,9 +95,9 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
     loggers = [registry.build("logger", name, env, f"run.loggers.{i}") for i, name in enumerate(cfg.run.loggers)]
     for i, logger in enumerate(loggers):
         registry.pm.register(logger, name=f"logger:{i}:{cfg.run.loggers[i]}")
-    hook = registry.pm.hook
+    hook = registry.hooks
     error: BaseException | None = None
-    started = False
+    started = created = False
     try:
         seed_everything(cfg.run.seed, 0)  # the adapter's random init must not depend on what ran before
         policy = registry.build("backend", cfg.backend, env)
@@ -107,6 +109,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
         optimizer.check_roles(game.roles)
         if not resume:  # created (and locked) only once every component is built: a bad config leaves no folder
             store.create(resolved.to_yaml())
+            created = True
 
         start = 1
         if resume:
@@ -158,13 +161,18 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
                 hook.arena_checkpoint_saved(run=run, iteration=it, path=str(final))
     except BaseException as exc:
         error = exc
+        run.resumable = not (created and not store.complete_checkpoints())
         raise
     finally:
-        if started:
-            hook.arena_run_end(run=run, error=error)
-        for i in range(len(loggers)):
-            registry.pm.unregister(name=f"logger:{i}:{cfg.run.loggers[i]}")
-        store.unlock()
+        try:
+            if started:
+                hook.arena_run_end(run=run, error=error)
+        finally:
+            for i in range(len(loggers)):
+                registry.pm.unregister(name=f"logger:{i}:{cfg.run.loggers[i]}")
+            store.unlock()
+            if error is not None and not run.resumable:  # a new run stopped before its first checkpoint: a
+                store.discard(made_folder)               # --resume would only start it over; leave no folder
     return store.root
 
 

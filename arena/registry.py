@@ -59,6 +59,12 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries[kind])
 
+    @property
+    def hooks(self) -> "RunHooks":
+        """The run's lifecycle hooks (`registry.hooks.arena_run_start(run=...)`), with a plugin's failure turned
+        into one error naming the plugin and the hook."""
+        return RunHooks(self.pm)
+
     def get(self, kind: str, name: Any, path: str | None = None) -> Entry:
         path = path or kind
         if not isinstance(name, str) or name not in self.entries[kind]:
@@ -148,6 +154,35 @@ def _allowed_third_party(eps: list[importlib.metadata.EntryPoint]) -> set[str] |
     return allowed
 
 
+class RunHooks:
+    """Calls `pm.hook.<name>(**kwargs)`; an exception from a plugin's implementation (other than ArenaError or
+    an interrupt) becomes an ArenaError naming the plugin, the hook and where it raised, not a traceback."""
+
+    def __init__(self, pm: pluggy.PluginManager):
+        self.pm = pm
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        caller = getattr(self.pm.hook, name)
+
+        def call(**kwargs: Any) -> Any:
+            try:
+                return caller(**kwargs)
+            except ArenaError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a plugin's bug, reported as the plugin's
+                impls = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()}
+                tb, plugin, where = exc.__traceback__, "?", ""
+                while tb is not None:
+                    code = tb.tb_frame.f_code
+                    plugin = impls.get(code, plugin)
+                    where = f" at {code.co_filename}:{tb.tb_lineno}"
+                    tb = tb.tb_next
+                raise ArenaError(f"plugin {plugin!r}: its {name} hook raised {type(exc).__name__}: {exc}{where}") \
+                    from None
+
+        return call
+
+
 def load_registry() -> Registry:
     """Load every plugin and collect what it registers. Failures are kept in `registry.failed`, not raised."""
     pm = pluggy.PluginManager("arena")
@@ -174,15 +209,23 @@ def _add(registry: Registry, name: str, load: Callable[[], Any]) -> None:
     try:
         registry.pm.register(load(), name=name)
         registry._collect(name)
-    except Exception as exc:  # noqa: BLE001
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - sys.exit() on import must not end arena either
         _forget(registry.pm, registry, name)
         registry.failed[name] = f"{type(exc).__name__}: {exc}"
 
 
 def _load_file(path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(f"arena_local_plugin_{path.stem}", path)
+    """Import a plugin file as a module that is in sys.modules while it runs, as an imported one is (dataclasses
+    look their module up there to read `from __future__ import annotations` types)."""
+    name = f"arena_local_plugin_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module
 
 

@@ -103,6 +103,18 @@ class RunStore:
             raise
         self.write_config(config_yaml)
 
+    def discard(self, made_folder: bool) -> None:
+        """Remove a new run that stopped before its first checkpoint: what it wrote, and the folder if it made it
+        (an empty run.dir given by the user stays). Call unlocked; `check_new` made sure nothing else was there."""
+        if made_folder:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for path in self.root.iterdir() if self.root.is_dir() else []:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
     def write_config(self, config_yaml: str) -> None:
         tmp = self.config_path.with_suffix(".yaml.tmp")
         with _writing(self.config_path):

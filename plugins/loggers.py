@@ -62,7 +62,11 @@ class PlainLogger(Logger):
 
     @hookimpl
     def arena_run_end(self, run: Any, error: BaseException | None) -> None:
-        if isinstance(error, KeyboardInterrupt):
+        if error is not None and not run.resumable:
+            what = "interrupted" if isinstance(error, KeyboardInterrupt) else "stopped by an error"
+            print(f"{what} at iteration {run.iteration}, before the first checkpoint: nothing was kept (the new "
+                  f"folder {run.dir} is removed); start the run again", file=sys.stderr, flush=True)
+        elif isinstance(error, KeyboardInterrupt):
             print(f"interrupted; continue with: arena play {run.config.game.name} --resume {run.dir}",
                   file=sys.stderr, flush=True)
         elif error is not None:

@@ -16,13 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from arena.config import option
+from arena.config import check_template, option
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env
 from arena.plugins.judges import (
     MODES,
     PromptJudge,
-    _check_template,
     _query_text,
     check_model_option,
     constrained_scores,
@@ -185,7 +184,8 @@ class RubricJudgeOptions:
     model: Optional[str] = None  # a judge model (folder, .gguf, cached name); None: the policy's reference
 
     def check(self) -> None:
-        _check_template(self.template, ("question", "criterion", "gold", "response"))
+        check_template("template", self.template, ("question", "criterion", "gold", "response"),
+                       ("criterion", "response"))
         check_model_option(self.model)
 
 

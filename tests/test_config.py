@@ -620,3 +620,17 @@ def test_every_float_option_refuses_nan_and_infinity(registry):
 def test_non_finite_numbers_are_one_line_errors(capsys, override, path, words):
     rc, _, err = run_cli(capsys, "config", "prompts", override)
     assert_one_line_error(rc, err, path, words)
+
+
+@pytest.mark.parametrize("override, path, words", [
+    ('game.challenger_template="{task} {"', "game.challenger_template", "write a literal brace as {{"),
+    ("game.challenger_template=no task here", "game.challenger_template", "has no {task}"),
+    ("judge.template=Rate it.", "judge.template", "has no {response}"),
+    ("judge.template=Rate {response} {x}", "judge.template", "unknown placeholder {x}"),
+    ('judge={name: pairwise, template: "{first} vs"}', "judge.template", "has no {second}"),
+    ('judge={name: self_reward, template: "{query}"}', "judge.template", "has no {response}"),
+    ('judge={name: rubric, template: "{response}"}', "judge.template", "has no {criterion}"),
+])
+def test_templates_that_would_fail_or_judge_nothing(capsys, override, path, words):
+    rc, _, err = run_cli(capsys, "config", "lsp", override)
+    assert_one_line_error(rc, err, path, words)

@@ -160,14 +160,18 @@ def test_a_step_that_makes_weights_non_finite_raises_before_any_checkpoint(fresh
 
 
 def test_a_run_with_a_non_finite_step_leaves_no_checkpoint_of_it(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    """Through the loop: AdamW's real step, then its first weight overflowed (as an lr too high for the weights
-    would): the run stops with one line naming it, no checkpoint holds the step, iteration 0's record stays."""
+    """Through the loop: AdamW's real steps, the second then overflowing its first weight (as an lr too high for
+    the weights would): the run stops with one line naming it, no checkpoint holds the step, checkpoint 1 and
+    the records up to iteration 1 stay."""
     real_step = torch.optim.AdamW.step
+    steps = []
 
     def overflowing_step(self, *args, **kwargs):
         out = real_step(self, *args, **kwargs)
-        with torch.no_grad():
-            self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        steps.append(1)
+        if len(steps) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
@@ -177,7 +181,7 @@ def test_a_run_with_a_non_finite_step_leaves_no_checkpoint_of_it(tiny_model_dir,
                "judge=self_reward"])  # scores that differ: advantages, a step
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1].startswith("arena: error: iteration 1: the update made the weights NaN or "
+    assert err.strip().splitlines()[-1].startswith("arena: error: iteration 2: the update made the weights NaN or "
                                                    "infinite")
-    assert not list(run.glob("checkpoints/0*"))
-    assert [r["iteration"] for r in read_jsonl(run / "metrics.jsonl")] == [0]
+    assert [p.name for p in run.glob("checkpoints/0*")] == ["000001"]
+    assert [r["iteration"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1]

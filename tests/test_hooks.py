@@ -10,6 +10,8 @@ import json
 import os
 import textwrap
 
+from pathlib import Path
+
 import pytest
 
 import arena.hookspecs as hookspecs
@@ -300,3 +302,33 @@ def test_run_end_is_called_once_when_a_round_fails(recorder, tiny_config, tmp_pa
               "game.max_new_tokens=4", "game.eval_size=2"])
     ends = [e for e in recorder() if e["event"] == "arena_run_end"]
     assert len(ends) == 1 and "the game broke" in ends[0]["error"]
+
+
+RAISING_HOOK = '''
+from arena.hookspecs import hookimpl
+
+
+@hookimpl
+def arena_round_end(run, iteration, samples):
+    raise ValueError("boom in a plugin")
+'''
+
+
+def test_a_plugin_hook_that_raises_is_one_line_naming_it(tiny_config, tmp_path, monkeypatch, capsys):
+    from arena.cli import main
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "bad_hook.py").write_text(RAISING_HOOK)
+    monkeypatch.setenv("ARENA_PLUGINS_DIR", str(plugins))
+    rc = main(["play", "prompts", *tiny_config, "game.dataset=arithmetic", "judge=exact_match",
+               "game.prompts_per_round=2", "game.group_size=2", "game.max_new_tokens=2", "game.eval_size=2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("arena: error: plugin 'file:bad_hook.py': its arena_round_end hook raised ValueError: "
+                           f"boom in a plugin at {plugins / 'bad_hook.py'}:7"), last
+    # it stopped in the first round, before any checkpoint: no folder is left, and no --resume is advised (it
+    # would only start over, and could not take the change that fixes the error)
+    run = Path(next(a.split("=", 1)[1] for a in tiny_config if a.startswith("run.dir=")))
+    assert not run.exists() and "--resume" not in err and "nothing was kept" in err

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from arena.cli import main
+from arena.config import resolve
 from arena.errors import ArenaWarning, ConfigError
 from arena.registry import load_registry
 
@@ -553,3 +554,58 @@ def test_guide_examples_play_a_run(guide_plugins, tiny_config, tmp_path, capsys)
     assert "eval/hits" in metrics[0] and "eval/hits" in metrics[2] and "train/samples" in metrics[1]
     state = json.loads((run / "checkpoints" / "000002" / "game_state.json").read_text())
     assert state == {"cursor": 4}
+
+
+EXITS = '''
+import sys
+
+sys.exit(3)
+'''
+
+FUTURE_DATACLASS = '''
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arena.hookspecs import hookimpl
+from arena.interfaces import Judge
+from arena.types import Verdict
+
+
+@dataclass
+class HalfOptions:
+    score: float = 0.5
+
+
+class Half(Judge):
+    """a dataclass with postponed annotations"""
+
+    Options = HalfOptions
+
+    def judge(self, items):
+        return [Verdict(self.options.score) for _ in items]
+
+
+@hookimpl
+def register_judges(register):
+    register("half", Half)
+'''
+
+
+def test_a_plugin_that_exits_on_import_is_a_failure_not_the_end(clean_env, tmp_path, capsys):
+    folder = write_plugins(tmp_path / "plugins", exits=EXITS, good=GOOD)
+    clean_env.setenv("ARENA_PLUGINS_DIR", str(folder))
+    registry = load_registry()
+    assert registry.failed == {"file:exits.py": "SystemExit: 3"}
+    assert "goodgame" in registry.names("game")
+    assert main(["list"]) == 0
+    out, err = capsys.readouterr()
+    assert "goodgame" in out and "plugin 'file:exits.py' failed to load: SystemExit: 3" in err
+
+
+def test_a_file_plugin_with_postponed_annotations_loads(clean_env, tmp_path):
+    clean_env.setenv("ARENA_PLUGINS_DIR", str(write_plugins(tmp_path / "plugins", future=FUTURE_DATACLASS)))
+    registry = load_registry()
+    assert registry.failed == {}
+    resolved = resolve(registry, "prompts", overrides=["judge=half", "judge.score=0.25"])
+    assert resolved.config.judge.options.score == 0.25
