@@ -132,7 +132,7 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
         for name, command in registry.commands.items():
             if name in sub.choices:
                 continue
-            p = sub.add_parser(name, help=command.help)
+            p = sub.add_parser(name, help=command.help.replace("%", "%%"))  # argparse formats help with %
             if command.configure:
                 command.configure(p)
             p.set_defaults(func=lambda args, _c=command: _c.run(args) or 0)
@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     warnings.showwarning = _show_warning
     registry = None
-    if argv and argv[0] not in ("list", "play", "config", "-h", "--help"):
+    if not argv or argv[0] not in ("list", "play", "config"):
         from arena.registry import load_registry
 
-        registry = load_registry()  # plugin commands are only needed for other sub-commands
+        registry = load_registry()  # plugin commands: for the other sub-commands and the help that lists them
     try:
         parser = build_parser(registry)
         args, extra = parser.parse_known_args(argv)

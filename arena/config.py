@@ -330,7 +330,7 @@ def load_file(path: str, key: str = "--config") -> dict[str, Any]:
     """A YAML config layer as a dict; errors are one line that starts with `key` and the file."""
     p = Path(path)
     if not p.is_file():
-        raise ArenaError(f"{key} {path}: no such file")
+        raise ArenaError(f"{key} {path}: {'a folder; expected a YAML file' if p.is_dir() else 'no such file'}")
     try:
         data = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
     except Exception as exc:  # noqa: BLE001 - a YAML error of any kind is the user's to fix

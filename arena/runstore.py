@@ -86,9 +86,17 @@ class RunStore:
     # -- the folder -------------------------------------------------------------------------------------------
     def check_new(self) -> None:
         """Refuse to start a run in a folder that holds anything: nothing written before is ever overwritten."""
-        if self.root.exists() and (not self.root.is_dir() or any(p.name != LOCK for p in self.root.iterdir())):
+        if not self.root.exists():
+            return
+        if not self.root.is_dir():
+            raise ArenaError(f"run.dir {self.root}: is a file; choose a new or empty folder")
+        held = sorted(p.name for p in self.root.iterdir() if p.name != LOCK)
+        if self.config_path.is_file():
             raise ArenaError(f"run.dir {self.root}: already holds a run; use --resume {self.root} to continue "
                              "it, or choose another run.dir")
+        if held:
+            raise ArenaError(f"run.dir {self.root}: not empty (holds {', '.join(held[:3])}"
+                             f"{', ...' if len(held) > 3 else ''}) and no run; choose a new or empty folder")
 
     def create(self, config_yaml: str) -> None:
         """Make the folder, take its lock, and only then check that it is empty and write the config: two new

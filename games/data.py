@@ -3,6 +3,7 @@ JSONL files, and a generated arithmetic set with answers."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import random
@@ -110,7 +111,8 @@ def load_prompt_file(path: str, key: str = "game.dataset") -> list[dict[str, Any
     """Records of a JSONL file with a string `prompt` and an optional `answer` (or `response`) per line."""
     p = Path(path)
     if not p.is_file():
-        raise ArenaError(f"{key} {path}: no such file; expected sharegpt, arithmetic or a JSONL file")
+        what = "a folder" if p.is_dir() else "no such file"
+        raise ArenaError(f"{key} {path}: {what}; expected sharegpt, arithmetic or a JSONL file")
     records = []
     for number, record in jsonl_records(p, key):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
@@ -140,6 +142,19 @@ def load_records(dataset: str, key: str = "game.dataset", seed: int = 0,
     if dataset == "arithmetic":
         return arithmetic(arithmetic_size, seed=seed)
     return load_prompt_file(dataset, key)
+
+
+@contextlib.contextmanager
+def data_checked(path: str) -> Iterator[None]:
+    """Around a game's data preparation run when the config resolves (its `check_options`), so that `arena
+    config` refuses the files and contents `arena play` would: key errors under the game's section, the warnings
+    left for play to say once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ArenaWarning)
+        try:
+            yield
+        except ConfigError as exc:
+            raise ConfigError(f"{path}.{exc.path}", exc.detail) from None
 
 
 def distinct(records: list[dict[str, Any]], field: str) -> list[dict[str, Any]]:
@@ -194,10 +209,13 @@ def load_documents(corpus: str, key: str = "game.corpus") -> list[dict[str, str]
         files = sorted(f for f in path.iterdir() if f.suffix in (".txt", ".md") and f.is_file())
         if not files:
             raise ArenaError(f"{key} {corpus}: the folder holds no .txt or .md file")
-        try:
-            return [{"title": f.name, "text": f.read_text(encoding="utf-8")} for f in files]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ArenaError(f"{key} {corpus}: cannot read a file ({exc})") from None
+        documents = []
+        for f in files:
+            try:
+                documents.append({"title": f.name, "text": f.read_text(encoding="utf-8")})
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ArenaError(f"{key} {corpus}: cannot read {f.name} as UTF-8 text ({exc})") from None
+        return documents
     if not path.is_file():
         raise ArenaError(f"{key} {corpus}: no such file or folder; expected pydoc, a JSONL file of "
                          "{\"text\": ...} records or a folder of .txt files")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from arena.config import check_template, option
-from arena.games.data import distinct, load_records, short_records
+from arena.games.data import data_checked, distinct, load_records, short_records
 from arena.errors import ArenaError, ArenaWarning, ConfigError
 from arena.games.prompts import TEMPERATURE_HINT
 from arena.hookspecs import hookimpl
@@ -63,8 +63,14 @@ class LSPOptions:
     def check(self) -> None:
         check_template("challenger_template", self.challenger_template, ("task",), ("task",))
         if self.eval_size and self.eval_dataset != "sharegpt" and not Path(self.eval_dataset).is_file():
-            raise ConfigError("eval_dataset", f"{self.eval_dataset}: no such file; expected sharegpt or a JSONL "
+            raise ConfigError("eval_dataset", f"{self.eval_dataset}: {'a folder' if Path(self.eval_dataset).is_dir() else 'no such file'}; expected sharegpt or a JSONL "
                                               "file of {\"prompt\": ...} records")
+
+
+def same_judge(judge: Judge, chosen: Any, registry: Any) -> bool:
+    """Whether a built judge is the run's judge (`env.config.judge`, a resolved Component): the same registered
+    class with the same options."""
+    return registry.get("judge", chosen.name).obj is type(judge) and judge.options == chosen.options
 
 
 # -- the rules, as plain arithmetic ---------------------------------------------------------------------------
@@ -175,6 +181,28 @@ class LSPGame(Game):
 
         if options.quality_reward:
             validate_component(registry, "judge", options.quality_judge, f"{path}.quality_judge")
+        with data_checked(path):
+            cls.held_out(options, 0)
+
+    @staticmethod
+    def held_out(options: LSPOptions, seed: int) -> list[dict[str, Any]]:
+        """The `eval_size` held-out prompts the Solver answers: distinct, short enough, a shuffle fixed by seed."""
+        if not options.eval_size:
+            return []
+        records = short_records(load_records(options.eval_dataset, "game.eval_dataset"),
+                                options.max_eval_prompt_chars, options.eval_dataset, "game.eval_dataset",
+                                "game.max_eval_prompt_chars")
+        if not records:
+            raise ConfigError("eval_dataset", f"{options.eval_dataset}: no prompt of at most "
+                                              f"{options.max_eval_prompt_chars} characters "
+                                              "(max_eval_prompt_chars); raise it or set eval_size=0")
+        records = distinct(records, "prompt")
+        if len(records) < options.eval_size:
+            raise ConfigError("eval_size", f"{options.eval_size}, but {options.eval_dataset} holds "
+                                           f"{len(records)} distinct prompts of at most "
+                                           f"{options.max_eval_prompt_chars} characters; lower it")
+        random.Random(seed).shuffle(records)
+        return records[:options.eval_size]
 
     def __init__(self, options: LSPOptions, env: Env):
         super().__init__(options, env)
@@ -183,22 +211,11 @@ class LSPGame(Game):
                           "Solver learns nothing; use 2 or more", ArenaWarning, stacklevel=2)
         self.quality: Judge | None = (env.registry.build("judge", options.quality_judge, env, "quality_judge")
                                       if options.quality_reward else None)
-        self.eval_records: list[dict[str, Any]] = []
-        if options.eval_size:
-            records = short_records(load_records(options.eval_dataset, "game.eval_dataset"),
-                                    options.max_eval_prompt_chars, options.eval_dataset, "game.eval_dataset",
-                                    "game.max_eval_prompt_chars")
-            if not records:
-                raise ConfigError("eval_dataset", f"{options.eval_dataset}: no prompt of at most "
-                                                  f"{options.max_eval_prompt_chars} characters "
-                                                  "(max_eval_prompt_chars); raise it or set eval_size=0")
-            records = distinct(records, "prompt")
-            if len(records) < options.eval_size:
-                raise ConfigError("eval_size", f"{options.eval_size}, but {options.eval_dataset} holds "
-                                               f"{len(records)} distinct prompts of at most "
-                                               f"{options.max_eval_prompt_chars} characters; lower it")
-            random.Random(env.config.run.seed).shuffle(records)
-            self.eval_records = records[:options.eval_size]
+        if self.quality is not None and same_judge(self.quality, env.config.judge, env.registry):
+            warnings.warn(f"judge={env.config.judge.name} is also game.quality_judge: R_Q equals R, so V_Q(q) = V(q) "
+                          "and every Challenger reward is 0 (the Challenger learns nothing); choose another judge "
+                          "for one of them, or game.quality_reward=false for LSP-Zero", ArenaWarning, stacklevel=2)
+        self.eval_records = self.held_out(options, env.config.run.seed)
         self._roles = {
             "challenger": Role("challenger", max_new_tokens=options.challenger_max_new_tokens,
                                temperature=options.temperature, top_p=options.top_p),

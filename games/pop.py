@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 from arena.config import option
 from arena.errors import ArenaError, ArenaWarning, ConfigError
-from arena.games.data import held_out_split, load_documents
+from arena.games.data import data_checked, held_out_split, load_documents
 from arena.games.prompts import TEMPERATURE_HINT
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
@@ -301,16 +301,30 @@ class PopGame(Game):
         solver = frozenset({"rewards" if options.variant == "online" else "pairs"})
         return {"task_writer": writers, "solver": solver, "rubric_writer": writers}
 
+    @classmethod
+    def check_options(cls, options: PopOptions, registry: Any, path: str) -> None:
+        with data_checked(path):  # the corpus and its contents, as play reads them
+            cls.split(options, cls.documents(options), 0)
+
+    @staticmethod
+    def documents(options: PopOptions) -> list[dict[str, str]]:
+        """The corpus's documents long enough to write from, each cut to `max_document_words`."""
+        return [{"title": d["title"], "text": excerpt(d["text"], options.max_document_words)}
+                for d in load_documents(options.corpus) if len(d["text"].split()) >= options.min_document_words]
+
+    @staticmethod
+    def split(options: PopOptions, documents: list[dict[str, str]], seed: int) -> tuple[list[dict], list[dict]]:
+        """(held-out, training) documents, distinct by text, split by a shuffle fixed by `seed`."""
+        return held_out_split(documents, options.eval_size, seed, options.corpus,
+                              f"documents of at least {options.min_document_words} words", key="corpus",
+                              field="text")
+
     def __init__(self, options: PopOptions, env: Env):
         super().__init__(options, env)
-        documents = [{"title": d["title"], "text": excerpt(d["text"], options.max_document_words)}
-                     for d in load_documents(options.corpus)
-                     if len(d["text"].split()) >= options.min_document_words]
+        documents = self.documents(options)
         # what the checkpoints' cursor and held-out problems refer to: `pydoc` changes with the Python version
         self.corpus_digest = hashlib.sha256(json.dumps(documents).encode()).hexdigest()[:16]
-        self.eval_documents, self.train_documents = held_out_split(
-            documents, options.eval_size, env.config.run.seed, options.corpus,
-            f"documents of at least {options.min_document_words} words", key="corpus", field="text")
+        self.eval_documents, self.train_documents = self.split(options, documents, env.config.run.seed)
         self.cursor = 0
         self.eval_problems: list[dict[str, Any]] | None = None  # written once, at the first evaluation
         self.eval_rejected: list[str] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from arena.config import option
-from arena.games.data import held_out_split, load_records, short_records
+from arena.games.data import data_checked, held_out_split, load_records, short_records
 from arena.errors import ArenaWarning, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
@@ -39,7 +39,7 @@ class PromptsOptions:
 
     def check(self) -> None:
         if self.dataset not in ("sharegpt", "arithmetic") and not Path(self.dataset).is_file():
-            raise ConfigError("dataset", f"{self.dataset}: no such file; expected sharegpt, arithmetic or a JSONL "
+            raise ConfigError("dataset", f"{self.dataset}: {'a folder' if Path(self.dataset).is_dir() else 'no such file'}; expected sharegpt, arithmetic or a JSONL "
                                          "file")
 
 
@@ -49,17 +49,26 @@ class PromptsGame(Game):
     Options = PromptsOptions
     role_names = ("assistant",)
 
+    @classmethod
+    def check_options(cls, options: PromptsOptions, registry: Any, path: str) -> None:
+        with data_checked(path):  # the data's contents, as play reads them
+            cls.split(options, 0)
+
+    @staticmethod
+    def split(options: PromptsOptions, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(held-out, training) records: short enough, distinct, split by a shuffle fixed by `seed`."""
+        records = load_records(options.dataset, seed=seed, arithmetic_size=options.arithmetic_size)
+        records = short_records(records, options.max_prompt_chars, options.dataset, "game.dataset",
+                                "game.max_prompt_chars")
+        return held_out_split(records, options.eval_size, seed, options.dataset,
+                              f"prompts of at most {options.max_prompt_chars} characters")
+
     def __init__(self, options: PromptsOptions, env: Env):
         super().__init__(options, env)
         if options.group_size == 1:
             warnings.warn("game.group_size=1: each answer is its own baseline, so every advantage is 0 and nothing "
                           "is learned; use 2 or more", ArenaWarning, stacklevel=2)
-        records = load_records(options.dataset, seed=env.config.run.seed, arithmetic_size=options.arithmetic_size)
-        records = short_records(records, options.max_prompt_chars, options.dataset, "game.dataset",
-                                "game.max_prompt_chars")
-        self.eval_records, self.train_records = held_out_split(
-            records, options.eval_size, env.config.run.seed, options.dataset,
-            f"prompts of at most {options.max_prompt_chars} characters")
+        self.eval_records, self.train_records = self.split(options, env.config.run.seed)
         self.cursor = 0
         self._roles = {"assistant": Role("assistant", max_new_tokens=options.max_new_tokens,
                                          temperature=options.temperature, top_p=options.top_p)}

@@ -23,7 +23,7 @@ import torch
 
 from arena.config import option
 from arena.errors import ConfigError
-from arena.games.data import held_out_split, load_records, short_records
+from arena.games.data import data_checked, held_out_split, load_records, short_records
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
 from arena.types import JudgeItem, Messages, Role, Sample, chat
@@ -43,7 +43,7 @@ class SpinOptions:
 
     def check(self) -> None:
         if self.dataset != "sharegpt" and not Path(self.dataset).is_file():
-            raise ConfigError("dataset", f"{self.dataset}: no such file; expected sharegpt or a JSONL file of "
+            raise ConfigError("dataset", f"{self.dataset}: {'a folder' if Path(self.dataset).is_dir() else 'no such file'}; expected sharegpt or a JSONL file of "
                                          "{\"prompt\": ..., \"response\": ...} records")
 
 
@@ -75,14 +75,24 @@ class SpinGame(Game):
                 "run": {"iterations": 12, "eval_every": 4}}
     headline_metrics = ("margin", "accuracy", "spin/iteration")
 
-    def __init__(self, options: SpinOptions, env: Env):
-        super().__init__(options, env)
+    @classmethod
+    def check_options(cls, options: SpinOptions, registry: Any, path: str) -> None:
+        with data_checked(path):  # the data's contents, as play reads them
+            cls.split(options, 0)
+
+    @staticmethod
+    def split(options: SpinOptions, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(held-out, training) records with a response: short enough, distinct, split by a shuffle fixed by
+        `seed`."""
         records = [r for r in load_records(options.dataset, "game.dataset") if r.get("answer")]
         records = short_records(records, options.max_prompt_chars, options.dataset, "game.dataset",
                                 "game.max_prompt_chars")
-        self.eval_records, self.train_records = held_out_split(
-            records, options.eval_size, env.config.run.seed, options.dataset,
-            f"prompts with a response and at most {options.max_prompt_chars} characters")
+        return held_out_split(records, options.eval_size, seed, options.dataset,
+                              f"prompts with a response and at most {options.max_prompt_chars} characters")
+
+    def __init__(self, options: SpinOptions, env: Env):
+        super().__init__(options, env)
+        self.eval_records, self.train_records = self.split(options, env.config.run.seed)
         self.cursor = 0
         self.opponents: dict[str, str] = {}  # SPIN iteration -> its opponent ("base" or a frozen adapter)
         self._roles = {"player": Role("player", max_new_tokens=options.max_new_tokens,

@@ -105,7 +105,7 @@ def test_existing_run_dir_is_never_overwritten(tiny_config, tmp_path, capsys):
     (run / "samples.jsonl").write_text('{"keep": 1}\n')
     assert main(["play", "prompts", *tiny_config, "game.dataset=arithmetic", "judge=exact_match"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "run.dir" in err[0] and "--resume" in err[0]
+    assert len(err) == 1 and "run.dir" in err[0] and "not empty (holds samples.jsonl) and no run" in err[0]
     assert (run / "samples.jsonl").read_text() == '{"keep": 1}\n'
 
 

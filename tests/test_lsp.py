@@ -4,6 +4,7 @@ config checks, and a round on the tiny model with judges whose scores the test c
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 
@@ -350,3 +351,22 @@ def test_play_lsp_on_embedded_model_then_resume(tmp_path, capsys):
     samples = list(read_jsonl(run / "samples.jsonl"))
     assert sorted({s["iteration"] for s in samples}) == [1, 2, 3]
     assert [m["iteration"] for m in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_the_same_judge_for_r_and_r_q_is_warned_about(tiny_model_dir):
+    """self_reward as both R and R_Q makes every Challenger reward 0: said when the game is built."""
+    from arena.config import resolve
+    from arena.errors import ArenaWarning
+    from arena.interfaces import Env
+    from arena.registry import load_registry
+
+    registry = load_registry()
+    for judge, warned in (("judge=self_reward", True), ("judge=llm_judge", False)):
+        config = resolve(registry, "lsp", overrides=[f"model.path={tiny_model_dir}", judge, "game.eval_size=0"]).config
+        env = Env(config=config, registry=registry)
+        env.policy = registry.build("backend", config.backend, env)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            registry.build("game", config.game, env)
+        said = [str(w.message) for w in seen if issubclass(w.category, ArenaWarning)]
+        assert bool([m for m in said if "R_Q equals R" in m]) == warned, said

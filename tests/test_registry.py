@@ -609,3 +609,13 @@ def test_a_file_plugin_with_postponed_annotations_loads(clean_env, tmp_path):
     assert registry.failed == {}
     resolved = resolve(registry, "prompts", overrides=["judge=half", "judge.score=0.25"])
     assert resolved.config.judge.options.score == 0.25
+
+
+def test_help_lists_every_command_plugins_register(clean_env, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("list", "play", "config", "eval", "report", "export"):
+        assert f"    {command} " in out, out
+    assert "95%" in out  # a help text's % is shown, not taken for a format

@@ -81,8 +81,13 @@ def test_create_in_a_non_empty_dir_names_run_dir(tmp_path):
     with pytest.raises(ArenaError) as exc:
         RunStore(root).create("a: 1\n")
     message = str(exc.value)
-    assert "run.dir" in message and str(root) in message and "--resume" in message
+    # not a run (no config.yaml): named for what it holds, with no --resume advice that would fail
+    assert "run.dir" in message and str(root) in message and "holds something" in message
+    assert "--resume" not in message
     assert not (root / "config.yaml").exists()
+    (root / "config.yaml").write_text("game: {name: prompts}\n")
+    with pytest.raises(ArenaError, match="already holds a run; use --resume"):
+        RunStore(root).create("a: 1\n")
 
 
 def test_run_dir_that_is_a_file(tmp_path):

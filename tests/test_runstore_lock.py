@@ -127,6 +127,13 @@ def test_the_lock_file_does_not_disturb_resume(store):
         store.check_new()
 
 
+def test_a_folder_with_unrelated_files_is_not_called_a_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ArenaError, match=r"not empty \(holds notes.txt\) and no run; choose a new or empty folder"):
+        RunStore(tmp_path).check_new()
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_creating_a_run_takes_the_lock_before_anything_is_written(tmp_path):
     """Two new runs given one run.dir: the second is refused by the lock or by the emptiness check made under it,
     and the first run's config is never overwritten."""
