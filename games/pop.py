@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import statistics
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,10 @@ would could should does done""".split())
 @dataclass
 class PopOptions:
     variant: str = option("online", choices=VARIANTS)  # online: GRPO on the score; pairs: best vs worst answer
+    # whose samples a round trains on. policy: the model as it is now (on-policy); initial: the starting model
+    # (adapter off) writing greedily, as the released pipeline samples its whole data set once before one DPO
+    # epoch (pairs only)
+    sampler: str = option("policy", choices=("policy", "initial"))
     corpus: str = "pydoc"  # pydoc (Python's language reference), a JSONL file of {"text": ...}, or a text folder
     min_document_words: int = option(50, ge=1)  # shorter documents are left out
     max_document_words: int = option(192, ge=1)  # the opening of each document the writers see (paper: ~1024)
@@ -102,8 +107,10 @@ class PopOptions:
     # train both writers too, on the reference margin; None: yes for online, no for pairs (the released pipeline)
     train_writers: Optional[bool] = None
     format_penalty: float = option(1.0, ge=0.0)  # a writer's reward for an invalid task or rubric is minus this
-    min_spread: float = option(0.001, ge=0.0)  # pairs: a question whose scores spread less gives no pair
-    max_length_gap: int = option(100, ge=0)  # pairs: nor one whose best and worst answers differ by more words
+    # pairs, the released filters: a question whose scores (0-2 scale) have a smaller standard deviation gives no
+    # pair; nor one whose best and worst answers differ by more words
+    min_score_std: float = option(0.001, ge=0.0)
+    max_length_gap: int = option(100, ge=0)
     field_max_new_tokens: int = option(48, ge=1)  # fields: the most tokens of one line
     json_max_new_tokens: int = option(256, ge=1)  # json: the most tokens of a writer's reply
     solver_max_new_tokens: int = option(64, ge=1)
@@ -114,6 +121,9 @@ class PopOptions:
     max_answer_chars: int = option(400, ge=1)  # how much of each shown answer the rubric writer reads
 
     def check(self) -> None:
+        if self.sampler == "initial" and (self.variant != "pairs" or self.train_writers):
+            raise ConfigError("sampler", "initial: the starting model's samples are learnt from as pairs only; set "
+                                         "game.variant=pairs and leave game.train_writers off")
         if self.min_document_words > self.max_document_words:
             raise ConfigError("min_document_words", f"{self.min_document_words} is more than max_document_words "
                                                     f"({self.max_document_words})")
@@ -196,23 +206,32 @@ def writer_rewards(task_ok: bool, rubric_ok: bool | None, answer_scores: Sequenc
     return margin, margin
 
 
-def choose_pair(scores: Sequence[float | None], words: Sequence[int], min_spread: float,
+def choose_pair(scores: Sequence[float | None], words: Sequence[int], min_std: float,
                 max_length_gap: int) -> tuple[int | None, int | None, str | None]:
-    """(best, worst, None), the indices of the first highest and first lowest score, or (None, None, why not):
-    an answer the judge could not score, scores that spread less than `min_spread`, or best and worst answers
-    whose lengths differ by more than `max_length_gap` words (the judge may be rating length)."""
-    if not scores or any(s is None for s in scores):
-        return None, None, "an answer could not be scored"
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    worst = min(range(len(scores)), key=lambda i: (scores[i], i))
+    """(best, worst, None), the indices of the first highest and first lowest scored answer, or (None, None, why
+    not). The released pipeline's filters: answers the judge could not score are left out (two scored ones are
+    needed); a question whose scores, on the rubric's 0-2 scale, have a (population) standard deviation below
+    `min_std` gives no pair; nor one whose best and worst answers differ by more than `max_length_gap` words
+    (the judge may be rating length; `words` as the caller counts them)."""
+    scored = [i for i, s in enumerate(scores) if s is not None]
+    if len(scored) < 2:
+        return None, None, "fewer than two answers could be scored"
+    best = max(scored, key=lambda i: (scores[i], -i))
+    worst = min(scored, key=lambda i: (scores[i], i))
     if scores[best] == scores[worst]:
         return None, None, "every answer scored alike"
-    if scores[best] - scores[worst] < min_spread:
-        return None, None, f"scores spread less than {min_spread}"
+    std = statistics.pstdev(2 * scores[i] for i in scored)  # scores are on [0, 1]; the rubric's scale is 0-2
+    if std < min_std:
+        return None, None, f"the scores' standard deviation {std:.3g} is below {min_std} (0-2 scale)"
     gap = abs(words[best] - words[worst])
     if gap > max_length_gap:
         return None, None, f"best and worst differ by {gap} words (> {max_length_gap})"
     return best, worst, None
+
+
+def released_word_count(text: str) -> int:
+    """Words as the released pipeline counts them for the length filter: split on single spaces."""
+    return len(text.split(" "))
 
 
 def spread_by_length(texts: Sequence[str], k: int) -> list[int]:
@@ -501,17 +520,18 @@ class PopGame(Game):
         docs = [self.train_documents[(self.cursor + i) % len(self.train_documents)]
                 for i in range(o.documents_per_round)]
         self.cursor = (self.cursor + o.documents_per_round) % len(self.train_documents)
-        problems = self.write_tasks(ctx, docs)
+        initial = o.sampler == "initial"  # the starting model writes greedily and answers: off-policy pairs
+        problems = self.write_tasks(ctx, docs, greedy=initial, reference=initial)
         posed = [p for p in problems if p.task_error is None]
         if posed:
             solver = self._roles["solver"]
             with ctx.phase("generate"):
                 outs = ctx.policy.generate([self.solver_prompt(p.question) for p in posed], n=o.answers,
                                            max_new_tokens=solver.max_new_tokens, temperature=solver.temperature,
-                                           top_p=solver.top_p)
+                                           top_p=solver.top_p, reference=initial)
             for p, gens in zip(posed, outs):
                 p.answers = gens
-            self.write_rubrics(ctx, posed)
+            self.write_rubrics(ctx, posed, greedy=initial, reference=initial)
             self._judge(ctx, posed)
         samples = [s for i, p in enumerate(problems) for s in self._samples(ctx, i, p)]
         self._report(ctx, problems)
@@ -531,14 +551,16 @@ class PopGame(Game):
                     self._roles[role], form.prompt, gen, reward=reward, group=f"{ctx.iteration}:{role}",
                     metadata={**meta, "field": key, "step": step, "weights": form.weights or None}))
         if o.variant == "pairs" and p.rubric is not None:
-            p.pair = choose_pair(p.scores, [len(a.text.split()) for a in p.answers], o.min_spread, o.max_length_gap)
+            p.pair = choose_pair(p.scores, [released_word_count(a.text) for a in p.answers], o.min_score_std,
+                                 o.max_length_gap)
         best, worst, why = p.pair
         for j, (gen, verdict) in enumerate(zip(p.answers, p.verdicts or [None] * len(p.answers))):
             score = verdict.score if verdict is not None and verdict.valid else None
             extra: dict[str, Any] = {}
             if o.variant == "pairs":
                 extra = ({"pair": "chosen"} if j == best else {"pair": "rejected"} if j == worst
-                         else {"pair_filter": why or p.rubric_error or "neither best nor worst"})
+                         else {"pair_filter": why or p.rubric_error or ("could not be scored" if score is None
+                                                                        else "neither best nor worst")})
             samples.append(Sample.from_generation(
                 self._roles["solver"], self.solver_prompt(p.question), gen, reward=score,
                 group=f"{ctx.iteration}:{index}",

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from arena.cli import main
 from arena.config import resolve
 from arena.errors import ArenaError, ConfigError
 from arena.games.data import load_documents
-from arena.games.pop import (PopGame, choose_pair, document_sentences, excerpt, grounded_rubric_problem, grounding, parse_task_json,
-                             spread_by_length, task_problem, writer_rewards)
+from arena.games.pop import (PopGame, choose_pair, document_sentences, excerpt, grounded_rubric_problem, grounding,
+                             parse_task_json, released_word_count, spread_by_length, task_problem, writer_rewards)
 from arena.interfaces import Env, RoundContext
 from arena.registry import load_registry
 from arena.runstore import read_jsonl
@@ -91,13 +92,26 @@ def test_writer_rewards_by_hand():
 
 
 def test_choose_pair_and_its_filters():
+    """The released pipeline's filters, by hand."""
     assert choose_pair([0.2, 0.9, 0.1, 0.9], [10, 12, 30, 5], 0.001, 100) == (1, 2, None)  # first best, worst
-    assert choose_pair([0.5, 0.5004], [1, 1], 0.001, 100) == (None, None, "scores spread less than 0.001")
+    # std on the 0-2 scale: 0.5 and 0.5004 are 1.0 and 1.0008, std 0.0004 < 0.001; 0.5 and 0.5012: 0.0012 passes
+    assert choose_pair([0.5, 0.5004], [1, 1], 0.001, 100) == (
+        None, None, "the scores' standard deviation 0.0004 is below 0.001 (0-2 scale)")
+    assert choose_pair([0.5, 0.5012], [1, 1], 0.001, 100) == (1, 0, None)
+    # the same spread over more answers: max - min 0.0012 in both, but most answers alike lowers the std
+    assert choose_pair([0.5] * 9 + [0.5012], [1] * 10, 0.001, 100)[2].startswith("the scores' standard deviation")
     assert choose_pair([0.5, 0.5], [1, 1], 0.0, 100)[2] == "every answer scored alike"  # even with no minimum
     assert choose_pair([0.9, 0.1], [150, 20], 0.001, 100) == (
         None, None, "best and worst differ by 130 words (> 100)")
     assert choose_pair([0.9, 0.1], [120, 20], 0.001, 100) == (0, 1, None)  # exactly 100 words apart is kept
-    assert choose_pair([0.9, None], [1, 1], 0.001, 100) == (None, None, "an answer could not be scored")
+    # an unscorable answer is left out, not the question
+    assert choose_pair([0.9, None, 0.1], [1, 1, 1], 0.001, 100) == (0, 2, None)
+    assert choose_pair([0.9, None], [1, 1], 0.001, 100) == (None, None, "fewer than two answers could be scored")
+
+
+def test_words_are_counted_as_the_released_pipeline_counts_them():
+    assert released_word_count("a b") == 2 and released_word_count("a  b") == 3  # split on single spaces
+    assert released_word_count("a\nb c") == 2
 
 
 def test_spread_by_length():
@@ -399,7 +413,7 @@ def pop_args(tiny_config, corpus, *more):
 
 @pytest.mark.parametrize("variant", ["online", "pairs"])
 def test_both_variants_play_train_and_resume_exactly(tiny_config, corpus, tmp_path, capsys, variant):
-    more = ["game.variant=pairs", "optimizer=dpo", "game.min_spread=0"] if variant == "pairs" else []
+    more = ["game.variant=pairs", "optimizer=dpo", "game.min_score_std=0"] if variant == "pairs" else []
     run = Path(next(a.split("=", 1)[1] for a in tiny_config if a.startswith("run.dir=")))
     assert main(pop_args(tiny_config, corpus, "run.iterations=3", *more)) == 0
     out = capsys.readouterr().out
@@ -500,3 +514,47 @@ def test_a_resume_on_other_documents_is_refused(tiny_model_dir, corpus, tmp_path
     _, moved = make_game(tiny_model_dir, other)
     with pytest.raises(ArenaError, match="its documents differ from those the run started with"):
         moved.load_state_dict(state)
+
+
+def test_the_initial_sampler_writes_and_answers_with_the_starting_model(tiny_model_dir, corpus, monkeypatch):
+    """sampler=initial (the released pipeline's data): every generation of a round runs on the starting model
+    (reference=True), the writers greedily; so after a DPO step has moved the adapter, the same document gives
+    the same question, rubric lines and (seeded) answers as before the step. (The tiny random model's greedy
+    question is a row of colons: every task is accepted here, so that the round reaches answers and rubrics.)"""
+    import arena.games.pop as pop
+    from arena.plugins.dpo import DPO, DPOOptions
+
+    monkeypatch.setattr(pop, "task_problem", lambda *args: None)
+
+    env, game = make_game(tiny_model_dir, corpus, "game.variant=pairs", "optimizer=dpo", "game.sampler=initial",
+                          "game.min_question_overlap=0", "game.min_gold_overlap=0", "game.documents_per_round=4",
+                          "game.answers=3", "game.field_max_new_tokens=12", "game.solver_max_new_tokens=8",
+                          "game.min_score_std=0", "game.max_length_gap=1000")
+    calls = []
+    real_generate = env.policy.generate
+
+    def spy(prompts, **kw):
+        calls.append((kw.get("reference", False), kw.get("greedy", False)))
+        return real_generate(prompts, **kw)
+
+    env.policy.generate = spy
+
+    def round_on_first_document():
+        game.cursor = 0
+        torch.manual_seed(5)
+        ctx = RoundContext(iteration=1, policy=env.policy, judge=LengthJudge(), rng=random.Random(0), env=env)
+        return game.play(ctx)
+
+    first = round_on_first_document()
+    assert calls and all(reference is True for reference, _ in calls)
+    assert [greedy for _, greedy in calls].count(False) == 1  # only the answers are sampled; writer lines greedy
+    assert [s for s in first if s.metadata.get("pair")]  # the round gave pairs to learn from
+    DPO(DPOOptions(lr=0.5), env).step(first, game.roles)  # a large step: the adapter moves
+    again = round_on_first_document()
+    assert [(s.role, s.completion) for s in again] == [(s.role, s.completion) for s in first]
+
+
+def test_the_initial_sampler_is_for_pairs_only(capsys):
+    assert main(["config", "pop", "game.sampler=initial"]) == 2
+    err = capsys.readouterr().err
+    assert "game.sampler: initial: the starting model's samples are learnt from as pairs only" in err
