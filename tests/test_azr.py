@@ -437,7 +437,7 @@ def env():
 
 
 def make_game(env, executor, **options):
-    game = AzrGame(AzrOptions(**{"eval_size": 0, **options}), env)
+    game = AzrGame(AzrOptions(**{"eval_size": 0, "simple_eval_size": 0, **options}), env)
     game.executor = executor  # the module's two workers instead of one per CPU core
     return game
 
