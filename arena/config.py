@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import re
@@ -137,14 +138,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "arena"
 
 
-def model_path_problem(path: str) -> str | None:
-    """What is wrong with a model path as a config value, or None: a folder with a config.json, a .gguf file, or
-    a hub name (`org/name`, loaded only from the local cache) are fine."""
+# what a model folder's config.json `architectures` must name for each use: the policy and judge models generate,
+# a reward model classifies
+MODEL_KINDS = {"causal": (("ForCausalLM", "LMHeadModel"), "a causal language model (AutoModelForCausalLM)"),
+               "classifier": (("ForSequenceClassification",),
+                              "a sequence classifier (AutoModelForSequenceClassification)")}
+
+
+def model_path_problem(path: str, kind: str = "causal") -> str | None:
+    """What is wrong with a model path as a config value, or None: a folder with a config.json whose
+    architectures fit `kind`, a .gguf file (causal), or a hub name (`org/name`, loaded only from the local cache)
+    are fine. Read from config.json alone, so `arena config` refuses before any weights load."""
     p = Path(path).expanduser()
     if p.is_dir():
-        if (p / "config.json").is_file():
-            return None
-        return "folder has no config.json; expected a transformers model folder"
+        if not (p / "config.json").is_file():
+            return "folder has no config.json; expected a transformers model folder"
+        try:
+            architectures = json.loads((p / "config.json").read_text()).get("architectures") or []
+        except (OSError, ValueError, AttributeError) as exc:
+            return f"its config.json cannot be read ({exc})"
+        suffixes, wanted = MODEL_KINDS[kind]
+        if architectures and not any(str(a).endswith(suffixes) for a in architectures):
+            return f"config.json names {', '.join(map(str, architectures))}; expected {wanted}"
+        return None
+    if kind == "classifier" and p.is_file():
+        return f"a file; expected a folder holding {MODEL_KINDS[kind][1]}"
     if p.is_file():
         return None if p.suffix == ".gguf" else "expected a model folder or a .gguf file"
     if path.count("/") <= 1 and not path.startswith((".", "/", "~")):
@@ -463,7 +481,22 @@ def resolve(registry: Any, game: str, config_files: list[str] = (), overrides: l
     for i, logger in enumerate(tree["run"]["loggers"]):
         registry.get("logger", logger, f"run.loggers.{i}")
     check_training(entries["game"].obj, typed["game"].options, entries["optimizer"].obj, typed["optimizer"])
+    check_token_limits(typed, entries["backend"].obj.context_length(typed["model"]))
     return Resolved(Config(**typed), tree, sources)
+
+
+def check_token_limits(typed: dict[str, Any], limit: int | None) -> None:
+    """Every `*max_new_tokens` option of the game and the judge fits the model's context (when the backend can
+    tell it without loading the model): a longer one would fail at the first generation."""
+    if not limit:
+        return
+    for kind in ("game", "judge"):
+        options = typed[kind].options
+        for f in dataclasses.fields(options):
+            value = getattr(options, f.name)
+            if f.name.endswith("max_new_tokens") and isinstance(value, int) and value > limit:
+                raise ConfigError(f"{kind}.{f.name}", f"{value}; the model's context holds {limit} tokens, prompt "
+                                                      "included: expected fewer")
 
 
 def check_training(game_class: Any, game_options: Any, optimizer: Any, chosen: Component) -> None:

@@ -132,6 +132,12 @@ class Backend(Policy, ABC):
 
     Options: ClassVar[type] = NoOptions
 
+    @classmethod
+    def context_length(cls, model: Any) -> int | None:
+        """The context length in tokens of the model `model` (arena.config.ModelOptions) names, if it can be told
+        without loading it: the config then refuses a `*max_new_tokens` option past it. None: unknown."""
+        return None
+
 
 class Judge(ABC):
     """Scores responses in batches. Never raises on a response it cannot score: returns an invalid Verdict."""

@@ -25,7 +25,7 @@ from arena.config import option
 from arena.errors import ArenaError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Backend, Env
-from arena.plugins.hf_models import load_causal_lm
+from arena.plugins.hf_models import context_length, load_causal_lm
 from arena.plugins.kernels import (TokenLogprobs, common_prefix, distinct, keep_lora_inputs_low_precision, left_pad,
                                    positions, register_cpu_gqa_sdpa, sample_tokens)
 from arena.types import Generation, Messages
@@ -87,6 +87,10 @@ class HFBackend(Backend):
     """Transformers + peft LoRA on CPU or GPU; batched sampling with left padding."""
 
     Options = HFOptions
+
+    @classmethod
+    def context_length(cls, model: Any) -> int | None:
+        return context_length(model.path)
 
     def __init__(self, options: HFOptions, env: Env):
         from peft import LoraConfig, get_peft_model

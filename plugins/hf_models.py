@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,57 @@ def _convert_gguf(gguf: Path, key: str = "model.path") -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def context_length(path: str | None) -> int | None:
+    """The model's context length in tokens, read without loading it: config.json's max_position_embeddings of a
+    folder, the `<arch>.context_length` of a GGUF file's header (the embedded model's for None); None when it
+    cannot be told (a hub name, a file that does not read)."""
+    try:
+        p = embedded_gguf() if path is None else Path(path).expanduser()
+        if p.is_dir():
+            value = json.loads((p / "config.json").read_text()).get("max_position_embeddings")
+        elif p.is_file():
+            value = gguf_context_length(p)
+        else:
+            return None
+    except (ArenaError, OSError, ValueError, AttributeError, struct.error):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def gguf_context_length(path: Path) -> int | None:
+    """`*.context_length` from a GGUF file's key-value header, reading only the header: its scalars are unpacked,
+    its arrays (the tokenizer's) skipped by their lengths."""
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types -> bytes
+    with path.open("rb") as f:
+        def read(fmt: str) -> Any:
+            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                f.seek(read("Q"), 1)
+            elif kind == 9:
+                item, count = read("I"), read("Q")
+                if item in sizes:
+                    f.seek(sizes[item] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                f.seek(sizes[kind], 1)
+
+        if f.read(4) != b"GGUF":
+            return None
+        read("I")  # version
+        read("Q")  # tensors
+        for _ in range(read("Q")):
+            key = f.read(read("Q")).decode("utf-8", "replace")
+            kind = read("I")
+            if key.endswith(".context_length") and kind in (4, 5, 10, 11):
+                return read({4: "I", 5: "i", 10: "Q", 11: "q"}[kind])
+            skip(kind)
+    return None
 
 
 def resolve_model_path(path: str | None, key: str = "model.path") -> Path | str:

@@ -267,7 +267,7 @@ class RewardModelOptions:
         if not self.path:
             raise ConfigError("path", "required: a reward model folder, e.g. judge: {name: reward_model, "
                                       "path: ./rm}")
-        problem = model_path_problem(self.path)
+        problem = model_path_problem(self.path, "classifier")
         if problem:
             raise ConfigError("path", f"{self.path}: {problem}")
 

@@ -173,3 +173,35 @@ def test_a_full_disk_is_one_line_and_nothing_written_is_lost(played, small_disk,
     capsys.readouterr()
     assert [r["iteration"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2, 3, 4]
     assert [r["iteration"] for r in read_jsonl(run / "samples.jsonl")] == [i for i in (1, 2, 3, 4) for _ in range(4)]
+
+
+def test_a_model_of_the_wrong_kind_is_refused_by_arena_config(tiny_model_dir, reward_model_dir, capsys):
+    """Read from config.json before any weights load: a classifier cannot be the policy, a causal LM cannot be a
+    reward model."""
+    one_line(capsys, ["config", "prompts", f"model.path={reward_model_dir}"],
+             "model.path:", "ForSequenceClassification; expected a causal language model")
+    one_line(capsys, ["config", "prompts", f"judge={{name: reward_model, path: {tiny_model_dir}}}"],
+             "judge.path:", "ForCausalLM; expected a sequence classifier")
+    assert main(["config", "prompts", f"model.path={tiny_model_dir}",
+                 f"judge={{name: reward_model, path: {reward_model_dir}}}"]) == 0
+    capsys.readouterr()
+
+
+def test_max_new_tokens_past_the_models_context_is_refused_by_arena_config(tiny_model_dir, capsys):
+    one_line(capsys, ["config", "prompts", f"model.path={tiny_model_dir}", "game.max_new_tokens=5000"],
+             "game.max_new_tokens: 5000; the model's context holds 2048 tokens")
+    one_line(capsys, ["config", "lsp", f"model.path={tiny_model_dir}", "judge.max_new_tokens=100000000"],
+             "judge.max_new_tokens: 100000000")
+    assert main(["config", "prompts", f"model.path={tiny_model_dir}", "game.max_new_tokens=2048"]) == 0
+    capsys.readouterr()
+
+
+def test_the_gguf_header_reader_agrees_with_the_gguf_package():
+    """context_length reads only a GGUF file's header (milliseconds, where gguf's reader maps every tensor)."""
+    from gguf import GGUFReader
+
+    from arena.plugins.hf_models import context_length, embedded_gguf, gguf_context_length
+
+    path = embedded_gguf()
+    field = GGUFReader(str(path), "r").fields["llama.context_length"]
+    assert gguf_context_length(path) == int(field.parts[field.data[0]][0]) == context_length(None) == 8192
