@@ -159,7 +159,11 @@ def model_path_problem(path: str, kind: str = "causal") -> str | None:
             return f"its config.json cannot be read ({exc})"
         suffixes, wanted = MODEL_KINDS[kind]
         if architectures and not any(str(a).endswith(suffixes) for a in architectures):
-            return f"config.json names {', '.join(map(str, architectures))}; expected {wanted}"
+            named = ", ".join(map(str, architectures))
+            if kind == "causal" and named.endswith("ForSequenceClassification"):
+                return (f"a sequence-classification model ({named}), not {wanted}; to score with it as a reward "
+                        f"model: judge: {{name: reward_model, path: {path}}}")
+            return f"config.json names {named}; expected {wanted}"
         return None
     if kind == "classifier" and p.is_file():
         return f"a file; expected a folder holding {MODEL_KINDS[kind][1]}"

@@ -125,12 +125,13 @@ def gguf_context_length(path: Path) -> int | None:
     return None
 
 
-def resolve_model_path(path: str | None, key: str = "model.path") -> Path | str:
+def resolve_model_path(path: str | None, key: str = "model.path", kind: str = "causal") -> Path | str:
     """Turn a model path into something `from_pretrained` loads without a network: a folder, or a hub name that
-    is already in the local Hugging Face cache. `key` is the config key it came from, named in errors."""
+    is already in the local Hugging Face cache. `key` is the config key it came from, named in errors; `kind` the
+    model it must be (arena.config.MODEL_KINDS)."""
     if path is None:
         return _convert_gguf(embedded_gguf(), key)
-    problem = model_path_problem(path)
+    problem = model_path_problem(path, kind)
     if problem:
         raise ArenaError(f"{key} {path}: {problem}")
     p = Path(path).expanduser()
@@ -224,7 +225,7 @@ def load_sequence_classifier(path: str | None, key: str = "judge.path", device: 
 
     if not path:
         raise ArenaError(f"{key} is unset; expected a sequence-classification reward model folder")
-    source = resolve_model_path(path, key)
+    source = resolve_model_path(path, key, "classifier")
     device = pick_device(device)
     try:
         tokenizer = load_tokenizer(source)

@@ -4,6 +4,9 @@ then temperature 0, LoRA dropout, the model's context, batch sizes per device an
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -620,9 +623,17 @@ def test_load_sequence_classifier(reward_model_dir, tiny_model_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
 
-    with pytest.raises(ArenaError, match=rf"judge.path {tiny_model_dir}: a causal language model, not a "
-                                         "sequence-classification reward model: its score head would be random"):
+    with pytest.raises(ArenaError, match=rf"judge.path {tiny_model_dir}: config.json names LlamaForCausalLM; "
+                                         r"expected a sequence classifier"):
         load_sequence_classifier(str(tiny_model_dir), "judge.path", "cpu")
+    unnamed = tmp_path / "unnamed"  # a config.json without architectures: the loaded head tells
+    shutil.copytree(tiny_model_dir, unnamed)
+    config = json.loads((unnamed / "config.json").read_text())
+    del config["architectures"]
+    (unnamed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArenaError, match=rf"judge.path {unnamed}: a causal language model, not a "
+                                         "sequence-classification reward model: its score head would be random"):
+        load_sequence_classifier(str(unnamed), "judge.path", "cpu")
     missing = str(tmp_path / "missing")
     with pytest.raises(ArenaError, match=rf"^judge.judges.0.path {missing}: no such file or folder"):
         load_sequence_classifier(missing, "judge.judges.0.path")

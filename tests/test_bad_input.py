@@ -179,7 +179,8 @@ def test_a_model_of_the_wrong_kind_is_refused_by_arena_config(tiny_model_dir, re
     """Read from config.json before any weights load: a classifier cannot be the policy, a causal LM cannot be a
     reward model."""
     one_line(capsys, ["config", "prompts", f"model.path={reward_model_dir}"],
-             "model.path:", "ForSequenceClassification; expected a causal language model")
+             "model.path:", "a sequence-classification model (LlamaForSequenceClassification), not a causal "
+             "language model", "judge: {name: reward_model, path:")
     one_line(capsys, ["config", "prompts", f"judge={{name: reward_model, path: {tiny_model_dir}}}"],
              "judge.path:", "ForCausalLM; expected a sequence classifier")
     assert main(["config", "prompts", f"model.path={tiny_model_dir}",
