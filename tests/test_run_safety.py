@@ -48,10 +48,13 @@ def test_a_second_process_cannot_use_a_running_run_folder(tiny_config, tmp_path,
     assert rc == 0 and "resuming at iteration" in out
 
 
-def test_resume_applies_what_may_change_and_refuses_the_rest(tiny_config, tmp_path, capsys, reward_model_dir):
+def test_resume_applies_what_may_change_and_refuses_the_rest(tiny_config, tmp_path, capsys, tiny_model_dir):
+    import shutil
+
     run = tmp_path / "run"
+    other = shutil.copytree(tiny_model_dir, tmp_path / "another-model")  # a valid model, at another path
     assert _play(capsys, "play", "prompts", *tiny_config, *FAST, "run.iterations=1")[0] == 0
-    for override, key in (("model.lora.r=8", "model.lora.r"), (f"model.path={reward_model_dir}", "model.path"),
+    for override, key in (("model.lora.r=8", "model.lora.r"), (f"model.path={other}", "model.path"),
                           ("game.group_size=3", "game.group_size"), ("judge=self_reward", "judge.name"),
                           ("run.seed=4", "run.seed")):
         rc, _, err = _play(capsys, "play", "prompts", "--resume", str(run), override)
