@@ -48,8 +48,9 @@ GAME_STATE = "game_state.json"
 LOCK = ".lock"
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file; a last line without its newline (a write cut short) is skipped."""
+def read_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file; a last line without its newline (a write cut short) is skipped. `skip_bad`: so is
+    a line that is not a JSON object (a hand-edited file), where it would otherwise raise."""
     p = Path(path)
     if not p.exists():
         return
@@ -57,8 +58,17 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
         for raw in f:
             if not raw.endswith(b"\n"):
                 return
-            if raw.strip():
+            if not raw.strip():
+                continue
+            if not skip_bad:
                 yield json.loads(raw)
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
 
 
 def finite_json(value: Any) -> Any:
@@ -293,7 +303,7 @@ class RunStore:
         checkpoint i existed (pruning keeps the newest). Cutting back to `restored` would then drop trained
         rounds; checkpoints/ was deleted or emptied by hand."""
         every = self._saved_checkpoint_every()
-        iterations = [r.get("iteration") for r in _records(self.metrics_path)]
+        iterations = [r.get("iteration") for r in read_jsonl(self.metrics_path, skip_bad=True)]
         later = [i for i in iterations if isinstance(i, int) and i > restored]
         if not later:
             return
@@ -347,22 +357,6 @@ class RunStore:
                     f.truncate(size)
         for tmp in self.checkpoints.glob(".tmp-*") if self.checkpoints.is_dir() else []:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _records(path: Path) -> Iterator[dict[str, Any]]:
-    """read_jsonl that skips a line which is not a JSON object (a hand-edited file) instead of failing on it."""
-    if not path.exists():
-        return
-    with path.open("rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                return
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                yield record
 
 
 def _sha256(path: Path) -> str:

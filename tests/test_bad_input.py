@@ -13,17 +13,14 @@ import pytest
 
 from arena.cli import main
 from arena.runstore import read_jsonl
+from tiny import play_prompts
 
-FAST = ["game.dataset=arithmetic", "judge=exact_match", "game.prompts_per_round=2", "game.group_size=2",
-        "game.max_new_tokens=4", "game.eval_size=2", "run.eval_every=1"]
 
 
 @pytest.fixture(scope="module")
 def played(tiny_model_dir, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("played") / "run"
-    assert main(["play", "prompts", f"model.path={tiny_model_dir}", f"run.dir={run}", "run.iterations=2",
-                 "run.loggers=[plain]", "model.lora.r=4", *FAST]) == 0
-    return run
+    """A finished 2-iteration run; each test uses a copy of it."""
+    return play_prompts(tiny_model_dir, tmp_path_factory.mktemp("played") / "run", 2)
 
 
 @pytest.fixture()

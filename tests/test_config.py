@@ -476,19 +476,24 @@ def _ruled_components(registry):
         yield [], "game", registry.entries["game"][name].obj.Options
 
 
+def _each_options(registry):
+    """(game to resolve, items that select the component, its keys' prefix, its Options) for every component, each
+    game's options under that game."""
+    for select, prefix, options in _ruled_components(registry):
+        for game in registry.names("game") if prefix == "game" else ["prompts"]:
+            if prefix != "game" or options is registry.entries["game"][game].obj.Options:
+                yield game, select, prefix, options
+
+
 def test_config_rejects_every_value_a_rule_refuses(registry):
     """`arena config` (resolve) must catch what `arena play` would: walk every ruled option of every component."""
     checked = 0
-    for select, prefix, options in _ruled_components(registry):
-        games = registry.names("game") if prefix == "game" else ["prompts"]
-        for game in games:
-            if prefix == "game" and options is not registry.entries["game"][game].obj.Options:
-                continue
-            for key, bad in _violations(options, prefix):
-                with pytest.raises(ConfigError) as exc:
-                    resolve(registry, game, overrides=[*select, f"{key}={bad}"])
-                assert exc.value.path == key, (key, bad, str(exc.value))
-                checked += 1
+    for game, select, prefix, options in _each_options(registry):
+        for key, bad in _violations(options, prefix):
+            with pytest.raises(ConfigError) as exc:
+                resolve(registry, game, overrides=[*select, f"{key}={bad}"])
+            assert exc.value.path == key, (key, bad, str(exc.value))
+            checked += 1
     assert checked > 40  # the walk reached the components' options, not just the core's
 
 
@@ -591,17 +596,13 @@ def _float_keys(options_cls, prefix):
 
 def test_every_float_option_refuses_nan_and_infinity(registry):
     checked = 0
-    for select, prefix, options in _ruled_components(registry):
-        games = registry.names("game") if prefix == "game" else ["prompts"]
-        for game in games:
-            if prefix == "game" and options is not registry.entries["game"][game].obj.Options:
-                continue
-            for key in _float_keys(options, prefix):
-                for bad in (".nan", ".inf", "-.inf"):
-                    with pytest.raises(ConfigError, match="expected a finite number") as exc:
-                        resolve(registry, game, overrides=[*select, f"{key}={bad}"])
-                    assert exc.value.path == key
-                    checked += 1
+    for game, select, prefix, options in _each_options(registry):
+        for key in _float_keys(options, prefix):
+            for bad in (".nan", ".inf", "-.inf"):
+                with pytest.raises(ConfigError, match="expected a finite number") as exc:
+                    resolve(registry, game, overrides=[*select, f"{key}={bad}"])
+                assert exc.value.path == key
+                checked += 1
     assert checked > 60
 
 

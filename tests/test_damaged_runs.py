@@ -15,19 +15,15 @@ from safetensors.torch import load_file, save_file
 
 from arena.cli import main
 from arena.runstore import read_jsonl
+from tiny import FAST_PROMPTS, play_prompts
 
-FAST = ["game.dataset=arithmetic", "judge=exact_match", "game.prompts_per_round=2", "game.group_size=2",
-        "game.max_new_tokens=4", "game.eval_size=2", "run.eval_every=1", "run.keep_checkpoints=0"]
 ADAPTER = "adapter/adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
 def played(tiny_model_dir, tmp_path_factory) -> Path:
     """A finished 3-iteration run, checkpointed at every iteration; each test damages a copy of it."""
-    run = tmp_path_factory.mktemp("played") / "run"
-    assert main(["play", "prompts", f"model.path={tiny_model_dir}", f"run.dir={run}", "run.iterations=3",
-                 "run.loggers=[plain]", "model.lora.r=4", *FAST]) == 0
-    return run
+    return play_prompts(tiny_model_dir, tmp_path_factory.mktemp("played") / "run", 3)
 
 
 @pytest.fixture()
@@ -177,7 +173,7 @@ def test_a_run_with_a_non_finite_step_leaves_no_checkpoint_of_it(tiny_model_dir,
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
     run = tmp_path / "run"
     rc = main(["play", "prompts", f"model.path={tiny_model_dir}", f"run.dir={run}", "run.iterations=2",
-               "run.loggers=[plain]", "model.lora.r=4", "model.dtype=float32", "optimizer.beta=0", *FAST,
+               "model.dtype=float32", "optimizer.beta=0", *FAST_PROMPTS,
                "judge=self_reward"])  # scores that differ: advantages, a step
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err

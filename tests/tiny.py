@@ -88,6 +88,21 @@ def kill_after_checkpoint(args: list[str], run: Path, iteration: int = 1, timeou
     proc.communicate()
 
 
+# a prompts run of seconds on the tiny model, checkpointed at every iteration, every checkpoint kept
+FAST_PROMPTS = ["game.dataset=arithmetic", "judge=exact_match", "game.prompts_per_round=2", "game.group_size=2",
+                "game.max_new_tokens=4", "game.eval_size=2", "run.eval_every=1", "run.keep_checkpoints=0",
+                "run.loggers=[plain]", "model.lora.r=4"]
+
+
+def play_prompts(model_dir: Path, run: Path, iterations: int) -> Path:
+    """A finished `arena play prompts` run of `iterations` on the tiny model in `run` (FAST_PROMPTS)."""
+    from arena.cli import main
+
+    assert main(["play", "prompts", f"model.path={model_dir}", f"run.dir={run}", f"run.iterations={iterations}",
+                 *FAST_PROMPTS]) == 0
+    return run
+
+
 def env_with(policy=None, registry=None, model_path=None) -> Env:
     registry = registry or load_registry()
     overrides = ["model.dtype=float32", "model.lora.r=4"]  # exact comparisons
