@@ -486,6 +486,11 @@ def resolve(registry: Any, game: str, config_files: list[str] = (), overrides: l
         registry.get("logger", logger, f"run.loggers.{i}")
     check_training(entries["game"].obj, typed["game"].options, entries["optimizer"].obj, typed["optimizer"])
     check_token_limits(typed, entries["backend"].obj.context_length(typed["model"]))
+    entries["backend"].obj.check_model(typed["model"])
+    reference = getattr(typed["optimizer"].options, "reference", None)
+    if reference not in (None, "base") and entries["game"].obj.freezes(typed["game"].options, reference) is False:
+        raise ConfigError("optimizer.reference", f"{reference!r}: game {game!r} makes no frozen adapter of that name; "
+                                                 "leave it unset (each pair's own reference) or write base")
     return Resolved(Config(**typed), tree, sources)
 
 

@@ -138,6 +138,11 @@ class Backend(Policy, ABC):
         without loading it: the config then refuses a `*max_new_tokens` option past it. None: unknown."""
         return None
 
+    @classmethod
+    def check_model(cls, model: Any) -> None:
+        """Raise ConfigError (full key) for model settings (arena.config.ModelOptions) this backend would refuse
+        once the model loads, where they can be told without its weights. By default nothing is checked."""
+
 
 class Judge(ABC):
     """Scores responses in batches. Never raises on a response it cannot score: returns an invalid Verdict."""
@@ -293,6 +298,13 @@ class Game(ABC):
     def __init__(self, options: Any, env: Env):
         self.options = options
         self.env = env
+
+    @classmethod
+    def freezes(cls, options: Any, name: str) -> bool | None:
+        """Whether a game with these options makes a frozen adapter called `name` (`policy.freeze_adapter`), so
+        that an optimizer's `reference: name` can score against it; None: not known before it plays (the default),
+        and the optimizer finds out at its first step."""
+        return None
 
     @classmethod
     def produced_by_role(cls, options: Any) -> dict[str, frozenset[str]]:

@@ -293,6 +293,10 @@ class AzrGame(Game):
 
     Options = AzrOptions
     role_names = ("proposer", "solver")
+
+    @classmethod
+    def freezes(cls, options: Any, name: str) -> bool:
+        return False  # no frozen adapters: an optimizer's reference can only be the base model
     defaults = {"run": {"iterations": 10, "eval_every": 5}, "optimizer": {"name": "grpo"}}
 
     @classmethod

@@ -175,6 +175,10 @@ class LSPGame(Game):
     role_names = ("challenger", "solver")
 
     @classmethod
+    def freezes(cls, options: Any, name: str) -> bool:
+        return False  # no frozen adapters: an optimizer's reference can only be the base model
+
+    @classmethod
     def check_options(cls, options: LSPOptions, registry: Any, path: str) -> None:
         """The quality judge is a component too: validate it before any model loads."""
         from arena.config import validate_component

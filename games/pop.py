@@ -310,6 +310,10 @@ class PopGame(Game):
 
     Options = PopOptions
     role_names = ("task_writer", "solver", "rubric_writer")
+
+    @classmethod
+    def freezes(cls, options: Any, name: str) -> bool:
+        return False  # no frozen adapters: an optimizer's reference can only be the base model
     defaults = {"judge": {"name": "rubric"}, "run": {"iterations": 10, "eval_every": 5},
                 "optimizer": {"name": "grpo", "lr": 2e-5}}
     headline_metrics = ("pop/valid_tasks", "pop/valid_rubrics", "pop/score", "pop/margin", "pop/pairs")

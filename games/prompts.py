@@ -50,6 +50,10 @@ class PromptsGame(Game):
     role_names = ("assistant",)
 
     @classmethod
+    def freezes(cls, options: Any, name: str) -> bool:
+        return False  # no frozen adapters: an optimizer's reference can only be the base model
+
+    @classmethod
     def check_options(cls, options: PromptsOptions, registry: Any, path: str) -> None:
         with data_checked(path):  # the data's contents, as play reads them
             cls.split(options, 0)

@@ -15,6 +15,7 @@ tell them apart by whether they stop.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -71,6 +72,10 @@ class SpinGame(Game):
     Options = SpinOptions
     produces = frozenset({"pairs"})
     role_names = ("player",)
+
+    @classmethod
+    def freezes(cls, options: SpinOptions, name: str) -> bool:
+        return re.fullmatch(r"spin-opponent-[1-9]\d*", name) is not None  # opponent_name(t), t >= 1
     defaults = {"optimizer": {"name": "dpo", "beta": 0.1, "lr": 2e-4},  # a LoRA on a 135M model on CPU
                 "run": {"iterations": 12, "eval_every": 4}}
     headline_metrics = ("margin", "accuracy", "spin/iteration")

@@ -22,10 +22,10 @@ from typing import Any, Optional
 import torch
 
 from arena.config import option
-from arena.errors import ArenaError
+from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Backend, Env
-from arena.plugins.hf_models import context_length, load_causal_lm
+from arena.plugins.hf_models import context_length, load_causal_lm, lora_target_problem, model_skeleton
 from arena.plugins.kernels import (TokenLogprobs, common_prefix, distinct, keep_lora_inputs_low_precision, left_pad,
                                    positions, register_cpu_gqa_sdpa, sample_tokens)
 from arena.types import Generation, Messages
@@ -92,23 +92,23 @@ class HFBackend(Backend):
     def context_length(cls, model: Any) -> int | None:
         return context_length(model.path)
 
+    @classmethod
+    def check_model(cls, model: Any) -> None:
+        """LoRA's target modules against the model's, from its config alone (the load checks them again)."""
+        skeleton = model_skeleton(model.path)
+        problem = skeleton is not None and lora_target_problem(skeleton, model.lora.target_modules)
+        if problem:
+            raise ConfigError("model.lora.target_modules", problem)
+
     def __init__(self, options: HFOptions, env: Env):
         from peft import LoraConfig, get_peft_model
 
         self.options = options
         m = env.config.model
         model, self.tokenizer, self.device = load_causal_lm(m.path, m.dtype, m.device)
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        missing = [t for t in m.lora.target_modules if t not in names]
-        if missing:
-            from transformers.pytorch_utils import Conv1D  # GPT-2's projections are Conv1D, not Linear
-
-            head = model.get_output_embeddings()
-            layers = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
-                             if isinstance(mod, (torch.nn.Linear, Conv1D)) and mod is not head})
-            # an ArenaError, not a ConfigError: the key is the model's, not relative to the backend's section
-            raise ArenaError(f"model.lora.target_modules: {missing} not in the model; LoRA can adapt its "
-                             f"projections: {', '.join(layers)}")
+        problem = lora_target_problem(model, m.lora.target_modules)
+        if problem:  # an ArenaError, not a ConfigError: the key is the model's, not relative to the backend's
+            raise ArenaError(f"model.lora.target_modules: {problem}")
         lora = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                           target_modules=list(m.lora.target_modules), task_type="CAUSAL_LM")
         with warnings.catch_warnings():  # peft reads transformers' deprecated name on every load

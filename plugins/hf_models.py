@@ -14,6 +14,7 @@ import json
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,15 @@ def context_length(path: str | None) -> int | None:
 
 
 def gguf_context_length(path: Path) -> int | None:
-    """`*.context_length` from a GGUF file's key-value header, reading only the header: its scalars are unpacked,
-    its arrays (the tokenizer's) skipped by their lengths."""
+    """`*.context_length` from a GGUF file's key-value header."""
+    return gguf_header(path, lambda key: key.endswith(".context_length"))
+
+
+def gguf_header(path: Path, wanted: Callable[[str], bool]) -> Any:
+    """The first value of a GGUF file's key-value header whose key `wanted` accepts (an integer or a string),
+    reading only the header: its arrays (the tokenizer's) are skipped by their lengths. None if there is none."""
     sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types -> bytes
+    ints = {4: "I", 5: "i", 10: "Q", 11: "q"}
     with path.open("rb") as f:
         def read(fmt: str) -> Any:
             return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
@@ -119,10 +126,53 @@ def gguf_context_length(path: Path) -> int | None:
         for _ in range(read("Q")):
             key = f.read(read("Q")).decode("utf-8", "replace")
             kind = read("I")
-            if key.endswith(".context_length") and kind in (4, 5, 10, 11):
-                return read({4: "I", 5: "i", 10: "Q", 11: "q"}[kind])
+            if wanted(key) and kind in ints:
+                return read(ints[kind])
+            if wanted(key) and kind == 8:
+                return f.read(read("Q")).decode("utf-8", "replace")
             skip(kind)
     return None
+
+
+def model_skeleton(path: str | None) -> Any:
+    """The model's modules without its weights (on the meta device, one layer), built from its config.json or its
+    GGUF header's architecture: enough to name what LoRA can adapt before anything loads. None when the config
+    cannot be read without loading (a hub name, an unknown architecture)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        p = embedded_gguf() if path is None else Path(path).expanduser()
+        if p.is_dir():
+            config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+        elif p.is_file():
+            architecture = gguf_header(p, lambda key: key == "general.architecture")
+            config = AutoConfig.for_model(architecture) if isinstance(architecture, str) else None
+        else:
+            return None
+        if config is None:
+            return None
+        config.num_hidden_layers = 1
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - unknown to this check: the load will say what is wrong
+        return None
+
+
+def lora_target_problem(model: Any, targets: Sequence[str]) -> str | None:
+    """Why LoRA cannot adapt `targets` in `model` (a name no module has), with the projections it can adapt;
+    None when every target names modules of the model."""
+    import torch
+    from transformers.pytorch_utils import Conv1D  # GPT-2's projections are Conv1D, not Linear
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if not missing:
+        return None
+    head = model.get_output_embeddings()
+    layers = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                     if isinstance(mod, (torch.nn.Linear, Conv1D)) and mod is not head})
+    return f"{missing} not in the model; LoRA can adapt its projections: {', '.join(layers)}"
 
 
 def resolve_model_path(path: str | None, key: str = "model.path", kind: str = "causal") -> Path | str:

@@ -203,3 +203,14 @@ def test_the_gguf_header_reader_agrees_with_the_gguf_package():
     path = embedded_gguf()
     field = GGUFReader(str(path), "r").fields["llama.context_length"]
     assert gguf_context_length(path) == int(field.parts[field.data[0]][0]) == context_length(None) == 8192
+
+
+def test_lora_targets_the_model_lacks_are_refused_by_arena_config(tiny_model_dir, capsys):
+    """From the model's config alone (its modules built on the meta device): the embedded GGUF's architecture from
+    its header, a folder's from config.json."""
+    one_line(capsys, ["config", "prompts", "model.lora.target_modules=[zzz]"],
+             "model.lora.target_modules: ['zzz'] not in the model; LoRA can adapt its projections:", "q_proj")
+    one_line(capsys, ["config", "prompts", f"model.path={tiny_model_dir}", "model.lora.target_modules=[q_proj,zzz]"],
+             "['zzz'] not in the model")
+    assert main(["config", "prompts", f"model.path={tiny_model_dir}", "model.lora.target_modules=[q_proj,up_proj]"]) == 0
+    capsys.readouterr()

@@ -151,3 +151,14 @@ def test_an_empty_opponent_answer_is_left_out_of_the_eval_as_of_training(tiny_mo
     rejected = [s for s in game.play(RoundContext(iteration=1, policy=policy, judge=None, rng=random.Random(0),
                                                   env=env)) if s.metadata["pair"] == "rejected"]
     assert [s.reward is None for s in rejected] == empty
+
+
+def test_a_reference_the_game_never_freezes_is_refused_by_arena_config(capsys):
+    assert main(["config", "spin", "optimizer.reference=zzz"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "optimizer.reference: 'zzz': game 'spin' makes no frozen adapter" in err
+    for fine in ("base", "spin-opponent-2"):
+        assert main(["config", "spin", f"optimizer.reference={fine}"]) == 0
+    capsys.readouterr()
+    assert main(["config", "pop", "game.variant=pairs", "optimizer=dpo", "optimizer.reference=spin-opponent-2"]) == 2
+    assert "game 'pop' makes no frozen adapter" in capsys.readouterr().err
