@@ -121,6 +121,9 @@ def run_export(args: argparse.Namespace) -> int:
         tmp.rename(out)
     except NotImplementedError as exc:
         raise ArenaError(f"backend {run.resolved.config.backend.name}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - writing the model failed (a full disk: an OSError, or safetensors')
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ArenaError(f"OUT {out}: cannot write the model there ({reason}); nothing was left behind") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {run.dir} at iteration {run.iteration} to {out} (load it with "

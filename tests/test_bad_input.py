@@ -214,3 +214,14 @@ def test_lora_targets_the_model_lacks_are_refused_by_arena_config(tiny_model_dir
              "['zzz'] not in the model")
     assert main(["config", "prompts", f"model.path={tiny_model_dir}", "model.lora.target_modules=[q_proj,up_proj]"]) == 0
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("room", [0, 256 * 1024])  # bytes left: a full disk, one that fills while writing
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(run, small_disk, capsys, room):
+    filler = fill(small_disk)
+    os.truncate(filler, max(0, filler.stat().st_size - room))
+    rc = main(["export", str(run), str(small_disk / "model")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"OUT {small_disk / 'model'}: cannot write the model there (" in err and "No space left" in err, err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no half-written model left behind
