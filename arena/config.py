@@ -75,9 +75,9 @@ def number(key: str, value: Any, ge: float | None = None, gt: float | None = Non
 def _finite_problem(value: Any) -> str | None:
     """Why a float option's value (or a float in its list) is not finite: NaN passes every bound comparison."""
     values = value if isinstance(value, list) else [value]
-    bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
-    return f"{value!r}; expected finite numbers" if bad and isinstance(value, list) else (
-        f"{value!r}; expected a finite number" if bad else None)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        return f"{value!r}; expected {'finite numbers' if isinstance(value, list) else 'a finite number'}"
+    return None
 
 
 def check_rules(options: Any, path: str) -> None:

@@ -152,7 +152,8 @@ def test_only_complete_checkpoints_count(store):
 def test_checkpoints_sort_numerically(store):
     for it in (9, 10, 100):
         checkpoint(store, it)
-    assert [p.name for p in store.complete_checkpoints()] == ["000009", "000010", "000100"]
+    (store.checkpoints / "000011").mkdir()  # numbered but without meta.json: listed (restore names it damaged)
+    assert [p.name for p in store.complete_checkpoints()] == ["000009", "000010", "000011", "000100"]
     assert store.latest_checkpoint()[1]["iteration"] == 100
 
 
