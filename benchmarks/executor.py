@@ -18,7 +18,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from arena.plugins.sandbox import SandboxExecutor, SandboxOptions
+from arena.plugins.executors.sandbox import SandboxExecutor, SandboxOptions
 from arena.types import Job
 
 PROGRAMS = [

@@ -37,7 +37,7 @@ does. CPU seconds (process time, all threads) are printed next to wall seconds: 
 job shares the machine.
 
 `--trl` needs the `bench` extra (`pip install -e '.[bench]'`): trl and psutil. Set ARENA_CACHE to reuse a
-converted model (both sides load the folder arena.plugins.hf_models.resolve_model_path(None) returns in the interpreter
+converted model (both sides load the folder arena.plugins.backends.hf.models.resolve_model_path(None) returns in the interpreter
 that runs them, so run both under the same Python).
 
 TRL settings that match arena's (TRL's own defaults differ: beta=0.0, gradient checkpointing on, bf16 autocast,
@@ -382,7 +382,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     import trl
     from arena.config import resolve
     from arena.interfaces import Env
-    from arena.plugins.hf_models import resolve_model_path
+    from arena.plugins.backends.hf.models import resolve_model_path
     from arena.registry import load_registry
     from arena.types import JudgeItem
 
@@ -723,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{', built without CUDA' if torch.version.cuda is None else ', no GPU visible'}); "
                          "run on a machine with a GPU, or use --device cpu")
     if args.micro_batch is None:
-        from arena.plugins.grpo import GRPOOptions
+        from arena.plugins.optimizers.grpo import GRPOOptions
 
         args.micro_batch = 64 if gpu else (GRPOOptions().micro_batch_size or 8)
     if args.micro_batch < 1 or (PROMPTS * SAMPLES) % args.micro_batch:

@@ -3,7 +3,7 @@ matched settings, on CPU, each side in its own subprocess.
 
 The task: arena's `prompts` game on the `arithmetic` set (two-digit additions, "What is a + b? Answer with the
 number only.") with the `exact_match` judge, on the embedded model (SmolLM2-135M-Instruct, `model.path` unset;
-TRL loads the same converted folder, `arena.plugins.hf_models.resolve_model_path(None)`).
+TRL loads the same converted folder, `arena.plugins.backends.hf.models.resolve_model_path(None)`).
 
 Matched settings (both sides): 8 prompts x 8 answers per step x at most 16 new tokens, temperature 1.0, top_p 1.0,
 no top-k; LoRA r=16 alpha=32 dropout 0 on q,k,v,o; AdamW lr 2e-5 constant (no warm-up, no decay), betas
@@ -103,7 +103,7 @@ BETA = 0.0
 EPSILON = 0.2
 MAX_GRAD_NORM = 1.0
 SEED = 0
-EVAL_BATCH = 64  # arena's CPU generation batch (plugins/hf.py CPU_GENERATION_BATCH): the TRL side's eval batch
+EVAL_BATCH = 64  # the hf backend's CPU_GENERATION_BATCH: the TRL side's eval batch
 REFERENCE = "TRL 1.16 defaults, 2-core CPU, 60 steps: 18% -> 28% held-out accuracy in 3,151 s, 9.1 GB peak RSS"
 SIDES = ("arena", "trl")
 
@@ -492,7 +492,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     import trl
     from arena.config import resolve
     from arena.interfaces import Env
-    from arena.plugins.hf_models import resolve_model_path
+    from arena.plugins.backends.hf.models import resolve_model_path
     from arena.registry import load_registry
     from arena.types import JudgeItem, item_means, verdict_items
 

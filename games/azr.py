@@ -40,7 +40,7 @@ from arena.games.data import package_file
 from arena.games.prompts import TEMPERATURE_HINT
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Executor, Game, RoundContext
-from arena.plugins.sandbox_worker import Unsupported, parse_arguments, value_text
+from arena.plugins.executors.sandbox_worker import Unsupported, parse_arguments, value_text
 from arena.types import Execution, Job, Messages, Role, Sample, chat
 
 TYPES = ("deduction", "abduction", "induction")

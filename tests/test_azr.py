@@ -25,7 +25,7 @@ from arena.games.azr import (
     normalized_advantages, program_problem, proposal_reward, solve_reward, test_inputs, validate,
 )
 from arena.interfaces import Env, RoundContext
-from arena.plugins.sandbox import SandboxExecutor, SandboxOptions
+from arena.plugins.executors.sandbox import SandboxExecutor, SandboxOptions
 from arena.registry import load_registry
 from arena.runstore import read_jsonl
 from tiny import kill_after_checkpoint
@@ -885,7 +885,7 @@ def test_bad_azr_config_is_one_line_naming_the_key(tiny_config, capsys, override
 
 
 def test_a_required_protection_that_is_missing_stops_the_run_before_any_round(tiny_config, capsys, monkeypatch):
-    import arena.plugins.sandbox as sandbox
+    import arena.plugins.executors.sandbox as sandbox
 
     monkeypatch.setattr(sandbox, "_in_force", lambda aspect, text: aspect != "network")
     run = next(v.split("=", 1)[1] for v in tiny_config if v.startswith("run.dir="))

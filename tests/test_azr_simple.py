@@ -10,7 +10,7 @@ import pytest
 
 from arena.games.azr import TYPES, validate
 from arena.games.azr_simple import CANDIDATES_PER_TYPE, OPERATIONS, candidates, simple_tasks
-from arena.plugins.sandbox import SandboxExecutor, SandboxOptions
+from arena.plugins.executors.sandbox import SandboxExecutor, SandboxOptions
 from test_azr import ScriptedPolicy, context, env, make_game  # noqa: F401 - env is a fixture
 
 @pytest.fixture(scope="module")

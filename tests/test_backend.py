@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from arena.errors import ArenaError, ConfigError
-from arena.plugins.kernels import left_pad, positions
+from arena.plugins.backends.hf.kernels import left_pad, positions
 
 from tiny import make_backend, make_env
 
@@ -278,7 +278,7 @@ def test_text_helpers(policy):
 
 
 def test_unknown_lora_target_names_the_key(tiny_model_dir):
-    from arena.plugins.hf import HFBackend, HFOptions
+    from arena.plugins.backends.hf.backend import HFBackend, HFOptions
 
     with pytest.raises(ArenaError) as exc:
         HFBackend(HFOptions(), make_env(tiny_model_dir, target_modules=["q_proj", "qkv"]))
@@ -291,7 +291,7 @@ def test_lora_targets_listed_for_a_conv1d_model(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from arena.cli import main
-    from arena.plugins.hf_models import load_tokenizer, resolve_model_path
+    from arena.plugins.backends.hf.models import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(None))
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2,
@@ -338,7 +338,7 @@ def test_save_load_round_trips_the_adapter(tiny_model_dir, tmp_path):
 def test_bfloat16_backend_samples_and_trains(tiny_model_dir):
     """model.dtype=bfloat16 (the CPU default where bf16 is native): sampling log-probs agree with the training
     forward to bf16 precision, and a backward pass reaches the float32 adapter."""
-    from arena.plugins.hf import HFBackend, HFOptions
+    from arena.plugins.backends.hf.backend import HFBackend, HFOptions
 
     env = make_env(tiny_model_dir)
     env.config.model.dtype = "bfloat16"
@@ -356,7 +356,7 @@ def test_bfloat16_backend_samples_and_trains(tiny_model_dir):
 def test_bf16_lora_saving_its_bf16_input_gives_peft_gradients(tiny_model_dir):
     """With a bf16 base and float32 adapters, each LoRA A keeps the bf16 input for backward instead of peft's
     float32 copies: the gradients must be the ones peft's own path gives, and fewer bytes are saved."""
-    from arena.plugins.hf import HFBackend, HFOptions
+    from arena.plugins.backends.hf.backend import HFBackend, HFOptions
 
     env = make_env(tiny_model_dir)
     env.config.model.dtype = "bfloat16"
@@ -440,7 +440,7 @@ def test_training_logprobs_refuse_a_temperature_of_zero_or_less(policy, temperat
 
 def backend_with_dropout(model_dir, dropout: float):
     """The same perturbed adapter whatever the dropout: built and perturbed from one seed."""
-    from arena.plugins.hf import HFBackend, HFOptions
+    from arena.plugins.backends.hf.backend import HFBackend, HFOptions
 
     torch.manual_seed(0)
     backend = HFBackend(HFOptions(), make_env(model_dir, dropout=dropout))
@@ -527,7 +527,7 @@ SMOL = dict(layers=30, kv_heads=3, head_dim=64, vocab=49152, dtype_bytes=2)  # S
 
 
 def test_generation_rows_follow_free_memory():
-    from arena.plugins.hf import generation_rows
+    from arena.plugins.backends.hf.backend import generation_rows
 
     per_row = 2 * 30 * 3 * 64 * 80 * 2 + 4 * 49152 * 4  # K and V of 80 tokens, plus four float32 logits rows
     assert generation_rows(2 * 300 * per_row, 80, **SMOL) == 300  # half the free memory
@@ -536,7 +536,7 @@ def test_generation_rows_follow_free_memory():
 
 
 def test_micro_batch_rule():
-    from arena.plugins.hf import micro_batch_for
+    from arena.plugins.backends.hf.backend import micro_batch_for
 
     assert micro_batch_for("cpu", 10**12, 1) == 8  # the measured CPU optimum, whatever the memory
     assert micro_batch_for("cuda", 2 * 1000 * 10**6, 10**6) == 64  # capped
@@ -546,7 +546,7 @@ def test_micro_batch_rule():
 
 
 def test_batch_sizes_by_device(tiny_model_dir, monkeypatch):
-    from arena.plugins.hf import generation_rows, micro_batch_for
+    from arena.plugins.backends.hf.backend import generation_rows, micro_batch_for
 
     backend = make_backend(tiny_model_dir, perturb=False)
     assert backend.options.generation_batch_size is None
@@ -597,7 +597,7 @@ def test_a_sequence_classifier_as_model_path_is_refused(reward_model_dir, tmp_pa
     import json
     import shutil
 
-    from arena.plugins.hf_models import load_causal_lm
+    from arena.plugins.backends.hf.models import load_causal_lm
 
     with pytest.raises(ArenaError, match=rf"model.path {reward_model_dir}: a sequence-classification model "
                                          r"\(LlamaForSequenceClassification\).*name: reward_model"):
@@ -614,7 +614,7 @@ def test_a_sequence_classifier_as_model_path_is_refused(reward_model_dir, tmp_pa
 def test_load_sequence_classifier(reward_model_dir, tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from arena.plugins.hf_models import load_sequence_classifier, resolve_model_path
+    from arena.plugins.backends.hf.models import load_sequence_classifier, resolve_model_path
 
     model, tokenizer, device = load_sequence_classifier(str(reward_model_dir), "judge.path", "cpu", "float32")
     assert device == "cpu" and not model.training and model.config.pad_token_id is not None

@@ -198,7 +198,7 @@ def test_the_gguf_header_reader_agrees_with_the_gguf_package():
     """context_length reads only a GGUF file's header (milliseconds, where gguf's reader maps every tensor)."""
     from gguf import GGUFReader
 
-    from arena.plugins.hf_models import context_length, embedded_gguf, gguf_context_length
+    from arena.plugins.backends.hf.models import context_length, embedded_gguf, gguf_context_length
 
     path = embedded_gguf()
     field = GGUFReader(str(path), "r").fields["llama.context_length"]

@@ -402,7 +402,7 @@ def test_model_paths_are_checked_when_the_config_resolves(capsys, tmp_path):
 
 
 def test_model_path_errors_directly(tmp_path):
-    from arena.plugins.hf_models import resolve_model_path
+    from arena.plugins.backends.hf.models import resolve_model_path
 
     with pytest.raises(ArenaError, match="no such file or folder"):
         resolve_model_path(str(tmp_path / "missing"))

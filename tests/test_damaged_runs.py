@@ -142,7 +142,7 @@ def test_a_step_that_makes_weights_non_finite_raises_before_any_checkpoint(fresh
     the weight already near the top) raises, so the loop stops before that iteration's checkpoint."""
     from arena.errors import ArenaError
     from arena.interfaces import Env
-    from arena.plugins.grpo import GRPO, GRPOOptions
+    from arena.plugins.optimizers.grpo import GRPO, GRPOOptions
 
     opt = GRPO(GRPOOptions(lr=1.0), Env(config=None, registry=None, policy=fresh_policy))
     params = fresh_policy.trainable_parameters()

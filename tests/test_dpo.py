@@ -12,7 +12,7 @@ import torch
 from arena.config import resolve, validate
 from arena.errors import ArenaError, ConfigError
 from arena.interfaces import Env
-from arena.plugins.dpo import DPO, DPOOptions, RoleWeight, pairs_of, pairwise_loss
+from arena.plugins.optimizers.dpo import DPO, DPOOptions, RoleWeight, pairs_of, pairwise_loss
 from arena.registry import load_registry
 from arena.types import Role, Sample
 from tiny import applied_gradient, assert_same_grads, gradients, make_backend

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from arena.interfaces import Policy
-from arena.plugins.kernels import common_prefix
+from arena.plugins.backends.hf.kernels import common_prefix
 
 from tiny import make_backend, make_env
 
@@ -72,7 +72,7 @@ def test_a_frozen_adapter_equals_a_backend_loaded_with_its_weights(tiny_model_di
 
 
 def test_lora_dropout_stays_off_in_frozen_calls(tiny_model_dir):
-    from arena.plugins.hf import HFBackend, HFOptions
+    from arena.plugins.backends.hf.backend import HFBackend, HFOptions
 
     policy = HFBackend(HFOptions(), make_env(tiny_model_dir, dropout=0.5))
     drift(policy)

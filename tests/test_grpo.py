@@ -11,7 +11,7 @@ import torch
 
 from arena.errors import ConfigError
 from arena.interfaces import Env
-from arena.plugins.grpo import GRPO, GRPOOptions, RoleObjective, group_advantages, grpo_token_loss
+from arena.plugins.optimizers.grpo import GRPO, GRPOOptions, RoleObjective, group_advantages, grpo_token_loss
 from arena.registry import load_registry
 from arena.types import Role, Sample
 from tiny import applied_gradient, assert_same_grads, gradients
@@ -344,8 +344,8 @@ def test_state_dict_round_trip(fresh):
 def test_bf16_first_step_ratio_is_exactly_one(tiny_model_dir, monkeypatch):
     """In bf16 the sampler's log-probs differ from the training forward's by rounding; the ratio must still start
     at exactly 1 (old = the training forward's own detached log-probs) and nothing may be clipped."""
-    import arena.plugins.grpo as grpo_module
-    from arena.plugins.hf import HFBackend, HFOptions
+    import arena.plugins.optimizers.grpo as grpo_module
+    from arena.plugins.backends.hf.backend import HFBackend, HFOptions
     from tiny import make_env
 
     env = make_env(tiny_model_dir)

@@ -25,10 +25,10 @@ import os
 from arena.games.prompts import PromptsGame
 from arena.hookspecs import hookimpl
 from arena.interfaces import Logger
-from arena.plugins.grpo import GRPO
-from arena.plugins.hf import HFBackend
-from arena.plugins.judges import ExactMatch
-from arena.plugins.sandbox import SandboxExecutor
+from arena.plugins.optimizers.grpo import GRPO
+from arena.plugins.backends.hf.backend import HFBackend
+from arena.plugins.judges.general import ExactMatch
+from arena.plugins.executors.sandbox import SandboxExecutor
 
 
 def _rec(event, **data):

@@ -12,7 +12,7 @@ import torch
 
 from arena.errors import ArenaError, ConfigError
 from arena.interfaces import Judge
-from arena.plugins.judges import (
+from arena.plugins.judges.general import (
     SELF_REWARD_TEMPLATE,
     ExactMatch,
     ExactMatchOptions,

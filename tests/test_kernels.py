@@ -1,11 +1,11 @@
-"""The backend's tensor routines (arena.plugins.kernels), each against the plain computation it replaces."""
+"""The backend's tensor routines (arena.plugins.backends.hf.kernels), each against the plain computation it replaces."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from arena.plugins.kernels import (TokenLogprobs, UpcastLinear, common_prefix, decode_attention, distinct, left_pad,
+from arena.plugins.backends.hf.kernels import (TokenLogprobs, UpcastLinear, common_prefix, decode_attention, distinct, left_pad,
                                    positions, sample_tokens)
 
 

@@ -10,7 +10,7 @@ import torch
 from arena.config import resolve
 from arena.errors import ConfigError
 from arena.interfaces import Env
-from arena.plugins.grpo import GRPO, GRPOOptions
+from arena.plugins.optimizers.grpo import GRPO, GRPOOptions
 from arena.registry import load_registry
 from arena.types import Role
 from test_grpo import ROLES, SPECS, make_samples
@@ -130,7 +130,7 @@ def test_config_yaml_keeps_each_part_complete(registry):
 
 def test_grpo_for_one_role_and_dpo_for_another(fresh, registry):
     """Two objective families in one update: the gradient is grpo's for role a plus 0.7 x dpo's for role b."""
-    from arena.plugins.dpo import DPO, DPOOptions
+    from arena.plugins.optimizers.dpo import DPO, DPOOptions
     from test_dpo import SPECS as PAIR_SPECS
     from test_dpo import make_pairs
 

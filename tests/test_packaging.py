@@ -20,7 +20,7 @@ top = (dist.read_text("top_level.txt") or "").split()
 eps = [(ep.name, ep.value, ep.dist.name if ep.dist else None) for ep in md.entry_points(group="arena")]
 files = [str(f) for f in (dist.files or [])]
 specs = {name: importlib.util.find_spec(name) is not None for name in ("games", "plugins", "tests")}
-import arena, arena.games.prompts, arena.plugins.grpo
+import arena, arena.games.prompts, arena.plugins.optimizers.grpo
 mapped = {"arena.games": arena.games.__file__, "arena.plugins": arena.plugins.__file__}
 print(json.dumps({"top_level": top, "entry_points": eps, "files": files, "bare": specs, "mapped": mapped,
                   "sys_path": sys.path}))
@@ -53,8 +53,9 @@ def test_games_and_plugins_import_under_arena(installed):
         assert init.parent == REPO / folder or (init.parent.name == folder and init.parent.parent.name == "arena")
 
 
-BUILTINS = {"prompts": "arena.games.prompts", "hf": "arena.plugins.hf", "grpo": "arena.plugins.grpo",
-            "judges": "arena.plugins.judges", "loggers": "arena.plugins.loggers"}
+BUILTINS = {"prompts": "arena.games.prompts", "hf": "arena.plugins.backends.hf.backend",
+            "grpo": "arena.plugins.optimizers.grpo", "judges": "arena.plugins.judges.general",
+            "loggers": "arena.plugins.loggers"}
 
 
 def test_builtins_are_entry_points_of_the_arena_group(installed):
@@ -78,3 +79,8 @@ def test_pyproject_lists_packages_explicitly():
     assert project["project"]["scripts"]["arena"] == "arena.cli:main"
     declared = project["project"]["entry-points"]["arena"]
     assert {name: declared.get(name) for name in BUILTINS} == BUILTINS
+    # every folder with an __init__.py is listed, so that a wheel does not silently leave a subpackage out
+    folders = {"arena": REPO / "arena", "arena.games": REPO / "games", "arena.plugins": REPO / "plugins"}
+    on_disk = {f"{name}{'.' + '.'.join(init.parent.relative_to(root).parts) if init.parent != root else ''}"
+               for name, root in folders.items() for init in root.rglob("__init__.py")}
+    assert on_disk == set(packages)

@@ -522,7 +522,7 @@ def test_the_initial_sampler_writes_and_answers_with_the_starting_model(tiny_mod
     the same question, rubric lines and (seeded) answers as before the step. (The tiny random model's greedy
     question is a row of colons: every task is accepted here, so that the round reaches answers and rubrics.)"""
     import arena.games.pop as pop
-    from arena.plugins.dpo import DPO, DPOOptions
+    from arena.plugins.optimizers.dpo import DPO, DPOOptions
 
     monkeypatch.setattr(pop, "task_problem", lambda *args: None)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from arena.errors import ConfigError
-from arena.plugins.rubric import (
+from arena.plugins.judges.rubric import (
     MAX_CRITERIA,
     RUBRIC_TEMPLATE,
     Criterion,

@@ -63,7 +63,7 @@ def test_resume_applies_what_may_change_and_refuses_the_rest(tiny_config, tmp_pa
     assert "lr: 1.0e-05" in (run / "config.yaml").read_text()  # a refused resume records nothing
 
     seen = []
-    from arena.plugins import grpo
+    from arena.plugins.optimizers import grpo
 
     original = grpo.GRPO.step
 
@@ -108,7 +108,7 @@ def test_samples_record_the_advantage_they_were_trained_with(tiny_config, tmp_pa
 def test_a_non_finite_step_stops_the_run_naming_the_iteration(tiny_config, tmp_path, capsys, monkeypatch):
     """A judge that returns an infinite score in round 2: one line naming iteration 2, the weights of checkpoint 1
     untouched, round 2's samples kept for diagnosis (a resume cuts them back and replays the round)."""
-    from arena.plugins.judges import ExactMatch
+    from arena.plugins.judges.general import ExactMatch
     from arena.types import Verdict
 
     calls = []

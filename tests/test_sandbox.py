@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from arena.plugins.sandbox import SandboxExecutor, SandboxOptions
-from arena.plugins.sandbox_worker import value_text
+from arena.plugins.executors.sandbox import SandboxExecutor, SandboxOptions
+from arena.plugins.executors.sandbox_worker import value_text
 from arena.types import Job
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox confines on Linux only")
@@ -553,7 +553,7 @@ def test_require_refuses_to_start_without_the_protection(monkeypatch):
     """`require` is checked at construction, with the key in the error, and again for every later worker (a
     replacement may start where namespaces have since run out)."""
     from arena.errors import ArenaError, ConfigError
-    import arena.plugins.sandbox as sandbox
+    import arena.plugins.executors.sandbox as sandbox
 
     make(require=["network", "filesystem", "processes"]).close()  # all in force on this machine: it starts
     monkeypatch.setattr(sandbox, "_in_force", lambda aspect, text: aspect != "network")

@@ -60,7 +60,7 @@ def applied_gradient(opt, samples, roles):
 
 
 def make_backend(model_dir, perturb: bool = True, seed: int = 3, **options):
-    from arena.plugins.hf import HFBackend, HFOptions
+    from arena.plugins.backends.hf.backend import HFBackend, HFOptions
 
     backend = HFBackend(HFOptions(**options), make_env(model_dir))
     if perturb:  # LoRA B starts at zero (policy == reference); make them differ

@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from arena.plugins.hf_models import load_tokenizer, resolve_model_path
+    from arena.plugins.backends.hf.models import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(None))
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from arena import Env, Generation, Judge, Policy, RoundContext, Verdict
 from arena.config import resolve
 from arena.errors import ConfigError
 from arena.loop import play
-from arena.plugins.grpo import group_advantages
+from arena.plugins.optimizers.grpo import group_advantages
 from arena.runstore import read_jsonl
 from arena_example_game import EVAL_LISTS, SEED_LISTS, MirrorGame, words
 

@@ -279,7 +279,7 @@ class RewardModel(Judge):
 
     def __init__(self, options: RewardModelOptions, env: Env):
         super().__init__(options, env)
-        from arena.plugins.hf_models import load_sequence_classifier
+        from arena.plugins.backends.hf.models import load_sequence_classifier
 
         # float32: a reward model's score differences can be finer than bf16 resolves
         self.model, self.tokenizer, self.device = load_sequence_classifier(options.path, "judge.path",

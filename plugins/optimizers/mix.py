@@ -25,7 +25,7 @@ from arena.config import Component, number, option, validate_component
 from arena.errors import ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env
-from arena.plugins.adamw import AdamWOptimizer, check_adam_betas
+from arena.plugins.optimizers.adamw import AdamWOptimizer, check_adam_betas
 from arena.types import Role, Sample
 
 EXAMPLE = ("optimizer: {name: mix, parts: [{name: grpo, trains: [solver]}, "

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from arena.config import check_template, option
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env
-from arena.plugins.judges import (
+from arena.plugins.judges.general import (
     MODES,
     PromptJudge,
     _query_text,

@@ -28,7 +28,7 @@ from arena.config import option
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Executor
-from arena.plugins.sandbox_worker import PIPE_BYTES, read_exactly
+from arena.plugins.executors.sandbox_worker import PIPE_BYTES, read_exactly
 from arena.types import Execution, Job
 
 WORKER = Path(__file__).with_name("sandbox_worker.py")

@@ -4,7 +4,7 @@ The reference policy is the same model with the adapter disabled (exact base log
 adapters (opponents) are copies of the LoRA weights alone, swapped in for a call (`_adapter`). Sampling
 records log-softmax(logits / T) of each chosen token while generating (kept in samples.jsonl), and the training
 forward uses the same T. Batch sizes follow the device: the measured CPU optimum on a CPU, free memory on a GPU.
-The tensor routines it is built from live in `arena.plugins.kernels`.
+The tensor routines it is built from live in `arena.plugins.backends.hf.kernels`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from arena.config import option
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Backend, Env
-from arena.plugins.hf_models import context_length, load_causal_lm, lora_target_problem, model_skeleton
-from arena.plugins.kernels import (TokenLogprobs, common_prefix, distinct, keep_lora_inputs_low_precision, left_pad,
+from arena.plugins.backends.hf.models import context_length, load_causal_lm, lora_target_problem, model_skeleton
+from arena.plugins.backends.hf.kernels import (TokenLogprobs, common_prefix, distinct, keep_lora_inputs_low_precision, left_pad,
                                    positions, register_cpu_gqa_sdpa, sample_tokens)
 from arena.types import Generation, Messages
 

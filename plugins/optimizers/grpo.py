@@ -19,7 +19,7 @@ from arena.config import option
 from arena.errors import ArenaError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env
-from arena.plugins.adamw import AdamWOptimizer, check_adam_betas, unchanged
+from arena.plugins.optimizers.adamw import AdamWOptimizer, check_adam_betas, unchanged
 from arena.types import Role, Sample
 
 
