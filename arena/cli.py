@@ -82,7 +82,6 @@ def _source_of(key: str, sources: dict) -> str | None:
 
 
 def cmd_play(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
 
     from arena.config import check_resume_changes, load_file
     from arena.loop import play

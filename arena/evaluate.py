@@ -196,7 +196,7 @@ class PromptFile:
     max_new_tokens: int
 
     def __post_init__(self) -> None:
-        from arena.games.data import load_prompt_file
+        from arena.prompt_file import load_prompt_file
 
         if not Path(self.path).is_file():
             raise ArenaError(f"--prompts {self.path}: no such file; expected a JSONL file of "

@@ -40,8 +40,8 @@ from arena.games.data import package_file
 from arena.games.prompts import TEMPERATURE_HINT
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Executor, Game, RoundContext
-from arena.plugins.executors.sandbox_worker import Unsupported, parse_arguments, value_text
 from arena.types import Execution, Job, Messages, Role, Sample, chat
+from arena.values import Unsupported, parse_arguments, value_text
 
 TYPES = ("deduction", "abduction", "induction")
 MAX_LITERAL_CHARS = 2000  # a solver's literal answer longer than this is not read (parsing it could take long)

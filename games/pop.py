@@ -41,7 +41,7 @@ from arena.games.data import data_checked, held_out_split, load_documents
 from arena.games.prompts import TEMPERATURE_HINT
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env, Game, RoundContext
-from arena.plugins.judges.rubric import MAX_CRITERIA, Criterion, first_json, parse_rubric, rubric_problem
+from arena.rubrics import MAX_CRITERIA, Criterion, first_json, parse_rubric, rubric_problem
 from arena.types import Generation, JudgeItem, Messages, Role, Sample, Verdict, chat, verdict_items
 
 VARIANTS = ("online", "pairs")

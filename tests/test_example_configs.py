@@ -81,7 +81,7 @@ def test_mix_config_weights_and_parts_are_valid(registry):
 
 
 def test_prompts_file_is_well_formed():
-    from arena.games.data import load_prompt_file
+    from arena.prompt_file import load_prompt_file
 
     records = load_prompt_file(str(ROOT / "examples" / "data" / "prompts.jsonl"))
     assert 25 <= len(records) <= 40

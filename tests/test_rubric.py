@@ -10,17 +10,8 @@ import pytest
 import torch
 
 from arena.errors import ConfigError
-from arena.plugins.judges.rubric import (
-    MAX_CRITERIA,
-    RUBRIC_TEMPLATE,
-    Criterion,
-    RubricJudge,
-    RubricJudgeOptions,
-    parse_rating,
-    parse_rubric,
-    rubric_problem,
-    rubric_score,
-)
+from arena.plugins.judges.rubric import RUBRIC_TEMPLATE, RubricJudge, RubricJudgeOptions, parse_rating, rubric_score
+from arena.rubrics import MAX_CRITERIA, Criterion, parse_rubric, rubric_problem
 from arena.registry import load_registry
 from arena.types import JudgeItem
 from tiny import ScriptedReplies, env_with, make_backend

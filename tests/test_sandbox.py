@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from arena.plugins.executors.sandbox import SandboxExecutor, SandboxOptions
-from arena.plugins.executors.sandbox_worker import value_text
+from arena.values import value_text
 from arena.types import Job
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox confines on Linux only")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from arena import values
 from arena.config import option
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
@@ -65,7 +66,7 @@ class _Worker:
     def __init__(self, limits: dict[str, Any]):
         self.scratch = tempfile.mkdtemp(prefix="arena-sandbox-")
         self.proc = subprocess.Popen(
-            [sys.executable, "-S", "-s", "-B", "-P", str(WORKER), json.dumps({**limits, "scratch": self.scratch})],
+            [sys.executable, "-S", "-s", "-B", "-P", str(WORKER), json.dumps({**limits, "scratch": self.scratch, "values": values.__file__})],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,
             env={"PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}, cwd=self.scratch, start_new_session=True)
         try:

@@ -17,17 +17,17 @@ text values to the result pipe. The server enforces the wall-clock limit, kills 
 Requests and answers on stdin/stdout: a 4-byte big-endian length, then that many bytes of JSON.
 
 Nothing here decides whether a program is right: the child reports the values its calls returned, as canonical
-text (`value_text`), and arena compares them in its own process. A program can make its calls report whatever it
+text (`value_text`, from arena/values.py), and arena compares them in its own process. A program can make its calls report whatever it
 likes, which is the same as returning it; it never sees the expected answers.
 """
 
 from __future__ import annotations
 
 import array
-import ast
 import ctypes
 import errno
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -39,44 +39,18 @@ import sysconfig
 import termios
 import time
 
-MAX_DEPTH = 20
-HUGE_INT = 10**4000  # past this an int is written as inf: its decimal text would be too long to compare
+# arena's canonical value text (arena/values.py), bound by main() before any job runs
+value_text = parse_arguments = None
 
 
-class Unsupported(TypeError):
-    """A value with no canonical text (an object of a class the program defined, a function, ...)."""
-
-
-def value_text(value: object, depth: int = 0) -> str:
-    """Text that two values share exactly when they are equal as plain data: dicts and sets sorted, an integral
-    float written as the int it equals (1.0 == 1 in Python). Only exact built-in types: a subclass or an object
-    with its own __eq__ or __repr__ is refused, so a value cannot lie about itself."""
-    if depth > MAX_DEPTH:
-        raise Unsupported("nested too deeply")
-    kind = type(value)
-    if value is None or kind is bool or kind is str or kind is bytes:
-        return repr(value)
-    if kind is int:
-        return str(value) if -HUGE_INT < value < HUGE_INT else repr(float("inf") if value > 0 else float("-inf"))
-    if kind is float:
-        return str(int(value)) if math.isfinite(value) and value.is_integer() else repr(value)
-    if kind is complex:
-        return repr(value)
-    if kind is list or kind is tuple:
-        items = ", ".join(value_text(v, depth + 1) for v in value)
-        return f"[{items}]" if kind is list else f"({items},)" if len(value) == 1 else f"({items})"
-    if kind is set or kind is frozenset:
-        return "{%s}" % ", ".join(sorted(value_text(v, depth + 1) for v in value)) if value else "set()"
-    if kind is dict:
-        pairs = sorted((value_text(k, depth + 1), value_text(v, depth + 1)) for k, v in value.items())
-        return "{%s}" % ", ".join(f"{k}: {v}" for k, v in pairs)
-    raise Unsupported(f"a value of type {kind.__name__} has no plain-data form")
-
-
-def parse_arguments(text: str) -> tuple:
-    """The arguments a call is made with, from literal text such as `3, [1, 2]` (no names, no calls: only
-    Python literals, so an input cannot run code)."""
-    return ast.literal_eval(f"({text},)") if text.strip() else ()
+def load_values(path: str) -> None:
+    """Bind `value_text` and `parse_arguments` from arena's values module, loaded by file path: this script runs
+    without site-packages, so it cannot import the arena package (the module needs only the standard library)."""
+    global value_text, parse_arguments
+    spec = importlib.util.spec_from_file_location("arena_values", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    value_text, parse_arguments = module.value_text, module.parse_arguments
 
 
 # -- Linux confinement through libc ---------------------------------------------------------------------------
@@ -598,6 +572,7 @@ def _kill_group(pid: int) -> None:
 
 def main() -> None:
     limits = json.loads(sys.argv[1])
+    load_values(limits["values"])
     in_fd, out_fd = os.dup(0), os.dup(1)  # the protocol; 0 and 1 themselves go to /dev/null
     devnull = os.open("/dev/null", os.O_RDWR)
     os.dup2(devnull, 0)
