@@ -116,7 +116,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
             meta = store.restore(policy=policy, optimizer=optimizer, game=game,
                                  check=lambda meta: check_resume(resolved, meta))
             start = meta["iteration"] + 1 if meta else 1
-            store.write_config(resolved.to_yaml())  # the settings a resume may change (docs: README) are kept
+            store.write_config(resolved.to_yaml())  # the settings a resume may change (docs/runs.md) are kept
         run.start_iteration = run.iteration = start
         run.baseline = _baseline(store) if start > 1 else {}
         hook.arena_run_start(run=run)

@@ -100,6 +100,14 @@ def test_a_failed_part_leaves_the_weights_and_marks_nothing(fresh, registry):
      "one pass"),
     ("[{name: grpo, trains: [solver], lr: -1}, {name: grpo, trains: [challenger]}]", "optimizer.parts.0.lr",
      "more than 0"),
+    ("[{name: grpo, trains: [solver], lr: 3e-5}, {name: grpo, trains: [challenger]}]", "optimizer.parts.0.lr",
+     "set optimizer.lr"),
+    ("[{name: grpo, trains: [solver]}, {name: grpo, trains: [challenger], max_grad_norm: 0}]",
+     "optimizer.parts.1.max_grad_norm", "set optimizer.max_grad_norm"),
+    ("[{name: dpo, trains: [solver], weight_decay: 0.1}, {name: grpo, trains: [challenger]}]",
+     "optimizer.parts.0.weight_decay", "one step with its own weight_decay"),
+    ("[{name: grpo, trains: [solver], adam_betas: [0.8, 0.9]}, {name: grpo, trains: [challenger]}]",
+     "optimizer.parts.0.adam_betas", "set optimizer.adam_betas"),
     ("[{name: grpo, trains: solver}]", "optimizer.parts.0.trains", "a list"),
     ("[{name: grpo, trains: [solver], weight: -1}]", "optimizer.parts.0.weight", "at least 0"),
     ("[{name: grpo, trains: [solver], weight: .nan}]", "optimizer.parts.0.weight", "finite"),
@@ -124,6 +132,18 @@ def test_config_yaml_keeps_each_part_complete(registry):
     parts = r.tree["optimizer"]["parts"]
     assert parts[0]["name"] == "grpo" and parts[0]["weight"] == 1.0 and parts[0]["beta"] == 0.05
     assert parts[1]["beta"] == 0.0 and "micro_batch_size" in parts[1]
+    # the settings the mix's own step replaces are not shown as if they applied
+    assert not {"lr", "weight_decay", "adam_betas", "max_grad_norm", "epochs"} & set(parts[0])
+
+
+def test_a_part_may_state_its_update_settings_at_their_defaults(registry):
+    """A config.yaml written before parts left the update settings out still resolves: a default is not a
+    request, and the resolved config (as config.yaml saves it) resolves to itself."""
+    spec = "{name: grpo, trains: [solver], lr: 1e-5, epochs: 1, max_grad_norm: 1.0, adam_betas: [0.9, 0.999]}"
+    r = resolve(registry, "lsp", overrides=[f"optimizer={{name: mix, lr: 3e-5, parts: [{spec}, "
+                                            "{name: grpo, trains: [challenger]}]}"])
+    again = resolve(registry, "lsp", base=r.tree)  # as --resume resolves the saved config.yaml
+    assert again.tree["optimizer"] == r.tree["optimizer"] and r.tree["optimizer"]["lr"] == 3e-5
     again = resolve(registry, "lsp", base=r.tree)  # what --resume reads back resolves to the same
     assert again.tree == r.tree
 

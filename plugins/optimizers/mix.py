@@ -8,10 +8,11 @@ objective. Each part is an optimizer that can `accumulate` (add its loss's gradi
                                              {name: dpo, trains: [judge], weight: 0.5, beta: 0.1}]}
 
 Every part's loss, times its weight, goes into one backward pass (the gradients add up), then the mix clips and
-takes one AdamW step with its own `lr`, `weight_decay`, `adam_betas` and `max_grad_norm`; a part's own update
-settings are not used. A role claimed by two parts, a role the game does not have or never trains, a trained role
-that no part trains, and a part whose objective does not fit what its roles produce (dpo for a role that produces
-rewards) are errors when the config resolves (for games that declare `role_names`) or at start-up.
+takes one AdamW step with its own `lr`, `weight_decay`, `adam_betas` and `max_grad_norm`. A part's own update
+settings (those four and `epochs`) would not be used: setting one is an error, and a resolved part leaves them out.
+A role claimed by two parts, a role the game does not have or never trains, a trained role that no part trains, and
+a part whose objective does not fit what its roles produce (dpo for a role that produces rewards) are errors when
+the config resolves (for games that declare `role_names`) or at start-up.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from arena.interfaces import Env
 from arena.plugins.optimizers.adamw import AdamWOptimizer, check_adam_betas
 from arena.types import Role, Sample
 
+# a part's own settings that the mix's single step replaces: they stay at the part optimizer's defaults
+UPDATE_SETTINGS = ("lr", "weight_decay", "adam_betas", "max_grad_norm", "epochs")
 EXAMPLE = ("optimizer: {name: mix, parts: [{name: grpo, trains: [solver]}, "
            "{name: dpo, trains: [judge], weight: 0.5}]}")
 
@@ -42,6 +45,15 @@ class MixOptions:
 
     def check(self) -> None:
         check_adam_betas(self.adam_betas)
+
+
+def _update_settings(options: Any) -> dict[str, Any]:
+    return {name: getattr(options, name) for name in UPDATE_SETTINGS if hasattr(options, name)}
+
+
+def _default(options_class: type, name: str) -> Any:
+    field_ = next(f for f in dataclasses.fields(options_class) if f.name == name)
+    return field_.default_factory() if field_.default is dataclasses.MISSING else field_.default
 
 
 @dataclass
@@ -83,8 +95,11 @@ class MixOptimizer(AdamWOptimizer):
                 raise ConfigError(f"{key}.name", f"optimizer {entry.name!r} cannot be mixed: it has no "
                                                  "`accumulate` (grpo and dpo can)")
             part_options, entry = validate_component(registry, "optimizer", spec, key)
-            if getattr(part_options, "epochs", 1) != 1:
-                raise ConfigError(f"{key}.epochs", "a mixed part makes one pass per round; leave epochs at 1")
+            for name, value in _update_settings(part_options).items():
+                if value != _default(type(part_options), name):
+                    raise ConfigError(f"{key}.{name}", "a mixed part makes one pass per round; leave epochs at 1"
+                                      if name == "epochs" else f"{value}: the mix takes one step with its own "
+                                      f"{name}; set optimizer.{name}, not a part's")
             for role in roles:
                 if role in owner:
                     raise ConfigError(f"{key}.trains", f"role {role!r} is already trained by part {owner[role]}; "
@@ -92,9 +107,11 @@ class MixOptimizer(AdamWOptimizer):
                 owner[role] = i
             label = entry.name if names.count(entry.name) == 1 else f"{entry.name}{i}"
             parts.append(Part(Component(entry.name, part_options), entry.obj, roles, float(weight), label))
-            # config.yaml keeps each part complete, as it does every other component
+            # config.yaml keeps each part complete, as it does every other component, less the update settings
+            # that a part cannot change
             options.parts[i] = {"name": entry.name, "trains": roles, "weight": float(weight),
-                                **dataclasses.asdict(part_options)}
+                                **{k: v for k, v in dataclasses.asdict(part_options).items()
+                                   if k not in UPDATE_SETTINGS}}
         options.resolved = parts
 
     @classmethod
