@@ -274,6 +274,7 @@ class RunStore:
             except _Damage as d:
                 damaged.append((path, f"{d.file}: damaged checkpoint ({d.reason})"))
                 continue
+            self._record_files(meta)  # a record file missing or short: refused before anything is set aside or cut
             for _, text in damaged:  # said once a good one is found: with none, the error says it all
                 warnings.warn(f"{text}; using the previous one", ArenaWarning, stacklevel=2)
             if not damaged:
@@ -342,17 +343,24 @@ class RunStore:
                     (target / path.name).write_bytes(f.read())
         _fsync_tree(target)
 
-    def rewind(self, meta: dict[str, Any] | None) -> None:
-        """Cut the JSONL files back to a checkpoint's recorded lengths (to empty with no checkpoint)."""
-        for path, key in ((self.samples_path, "samples_bytes"), (self.metrics_path, "metrics_bytes")):
-            size = meta[key] if meta else 0
+    def _record_files(self, meta: dict[str, Any] | None) -> list[tuple[Path, int]]:
+        """Each JSONL file with the length a checkpoint recorded (0 with no checkpoint); a file missing or shorter
+        than that is an error, found before either file is cut."""
+        files = [(path, meta[key] if meta else 0)
+                 for path, key in ((self.samples_path, "samples_bytes"), (self.metrics_path, "metrics_bytes"))]
+        for path, size in files:
             if not path.exists() and size:
                 raise ArenaError(f"{path}: missing, but its checkpoint recorded {size} bytes of it; the run folder "
                                  "was changed by hand. Nothing was changed: put the file back, or start a new run")
+            if path.exists() and path.stat().st_size < size:
+                raise ArenaError(f"{path}: shorter than its checkpoint recorded ({size} bytes); the run folder "
+                                 "was changed by hand. Nothing was changed: put it back, or start a new run")
+        return files
+
+    def rewind(self, meta: dict[str, Any] | None) -> None:
+        """Cut the JSONL files back to a checkpoint's recorded lengths (to empty with no checkpoint)."""
+        for path, size in self._record_files(meta):
             if path.exists():
-                if path.stat().st_size < size:
-                    raise ArenaError(f"{path}: shorter than its checkpoint recorded ({size} bytes); the run "
-                                     "directory was changed by hand")
                 with path.open("r+b") as f:
                     f.truncate(size)
         for tmp in self.checkpoints.glob(".tmp-*") if self.checkpoints.is_dir() else []:

@@ -70,6 +70,24 @@ def test_a_deleted_record_file_is_refused(run, capsys, name):
     assert_refused(capsys, run, f"{name}: missing, but its checkpoint recorded")
 
 
+@pytest.mark.parametrize("damage_newest", [False, True])
+def test_a_deleted_metrics_file_is_found_before_samples_are_cut(run, capsys, damage_newest):
+    """samples.jsonl holds a crashed round's records past the checkpoint, metrics.jsonl is gone: the refusal comes
+    before samples.jsonl is cut back (and, past a damaged checkpoint, before anything is set aside)."""
+    with (run / "samples.jsonl").open("a") as f:
+        f.write(json.dumps({"iteration": 4, "text": "written after the last checkpoint"}) + "\n")
+    (run / "metrics.jsonl").unlink()
+    if damage_newest:
+        (run / "checkpoints/000003/meta.json").unlink()
+    assert_refused(capsys, run, "metrics.jsonl: missing, but its checkpoint recorded", more=("run.iterations=5",))
+
+
+def test_a_shortened_record_file_is_refused(run, capsys):
+    data = (run / "metrics.jsonl").read_bytes()
+    (run / "metrics.jsonl").write_bytes(data[:len(data) // 2])
+    assert_refused(capsys, run, "metrics.jsonl: shorter than its checkpoint recorded", "Nothing was changed")
+
+
 @pytest.mark.parametrize("edit", ["game.dataset", "run.seed"])
 def test_a_hand_edited_config_is_held_to_the_checkpoint(run, capsys, tmp_path, edit):
     from omegaconf import OmegaConf
