@@ -111,7 +111,7 @@ class Registry:
                 options = getattr(obj, "Options", None)
                 if options is None or not is_dataclass(options):
                     raise ArenaError(f"{_kind} {name!r} from plugin {plugin_name!r} needs an `Options` dataclass")
-                doc = help or next(iter((obj.__doc__ or "").strip().splitlines()), "")
+                doc = help or summary(obj.__doc__)
                 self.entries[_kind][name] = Entry(name, obj, plugin_name, doc)
 
             call(f"register_{kind}s", register)
@@ -181,6 +181,11 @@ class RunHooks:
                     from None
 
         return call
+
+
+def summary(doc: str | None) -> str:
+    """A docstring's first paragraph on one line: what `arena list` shows for a component."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 def load_registry() -> Registry:

@@ -160,9 +160,9 @@ def run_report(args: argparse.Namespace) -> int:
 
 @hookimpl
 def register_commands(register: Any) -> None:
-    register("eval", run_eval, help="score trained runs and the base model on held-out work, with 95% intervals "
-                                    "and win rates against the base", configure=configure_eval)
-    register("report", run_report, help="plot runs per iteration, summarise them and show their best and worst "
-                                        "samples", configure=configure_report)
-    register("export", run_export, help="save a run's model with its adapter merged, as a plain transformers "
-                                        "folder", configure=configure_export)
+    register("eval", run_eval, help="Score trained runs and the base model on held-out work, with 95% intervals "
+                                    "and win rates against the base.", configure=configure_eval)
+    register("report", run_report, help="Plot runs per iteration, summarise them and show their best and worst "
+                                        "samples.", configure=configure_report)
+    register("export", run_export, help="Save a run's model with its adapter merged, as a plain transformers "
+                                        "folder.", configure=configure_export)

@@ -136,8 +136,10 @@ def write_metrics_csv(metrics_jsonl: Path, out: Path) -> None:
 
 
 class CSVLogger(Logger):
-    """metrics.csv in the run folder, for spreadsheets and pandas: rewritten from metrics.jsonl after every
-    iteration, so it always holds what the run store holds (a resumed run's replayed rounds once)."""
+    """metrics.csv in the run folder, for spreadsheets and pandas, always matching metrics.jsonl.
+
+    Rewritten from metrics.jsonl after every iteration, so it holds what the run store holds (a resumed run's
+    replayed rounds once)."""
 
     @hookimpl
     def arena_metrics(self, run: Any, step: int, metrics: dict[str, float]) -> None:
@@ -148,8 +150,10 @@ TENSORBOARD_INSTALL = "pip install 'arena-selfplay[tensorboard]'"
 
 
 class TensorBoardLogger(Logger):
-    """TensorBoard event files in <run>/tensorboard, a scalar per metric and iteration (`tensorboard --logdir
-    runs`). A resumed run drops the steps it replays from the earlier files (`purge_step`)."""
+    """TensorBoard event files in <run>/tensorboard, a scalar per metric and iteration.
+
+    View them with `tensorboard --logdir runs`. A resumed run drops the steps it replays from the earlier files
+    (`purge_step`)."""
 
     def __init__(self, options: Any, env: Any):
         super().__init__(options, env)
@@ -188,9 +192,10 @@ def finite_values(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class WandbLogger(Logger):
-    """A Weights & Biases run in offline mode in <run>/wandb (`wandb sync <run>/wandb/offline-run-*` uploads it, if
-    ever): the resolved config (config.yaml) and a history row per iteration at step = iteration; project
-    $WANDB_PROJECT or `arena`, name the run folder's.
+    """An offline Weights & Biases run in <run>/wandb, never the network; `wandb sync` uploads it.
+
+    It holds the resolved config (config.yaml) and a history row per iteration at step = iteration; project
+    $WANDB_PROJECT or `arena`, name the run folder's; `wandb sync <run>/wandb/offline-run-*` uploads it, if ever.
 
     Never the network: besides the run's offline mode, WANDB_MODE=offline and WANDB_ERROR_REPORTING=false are set
     for this process, as W&B's analytics read those (not the run's settings) and would otherwise probe its server.

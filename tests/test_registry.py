@@ -472,6 +472,21 @@ def test_arena_list_shows_each_name_with_its_plugin(clean_env, tmp_path, capsys)
     assert "file:broken.py" in err and "boom at import" in err  # and warned about
 
 
+def test_arena_list_describes_each_builtin_in_a_whole_sentence(clean_env):
+    """Each description is a docstring's whole first paragraph (a summary that wraps is not cut at its first line),
+    one sentence short enough for the table."""
+    from arena.registry import KINDS, summary
+
+    registry = load_registry()
+    texts = {(kind, name): registry.entries[kind][name].help for kind in KINDS for name in registry.names(kind)}
+    texts.update({("command", name): command.help for name, command in registry.commands.items()})
+    for (kind, name), text in texts.items():
+        if registry.entries.get(kind, {}).get(name, None) is not None:
+            assert text == summary(registry.entries[kind][name].obj.__doc__), (kind, name)
+        assert text.endswith(".") and len(text) <= 110 and "\n" not in text, (kind, name, text)
+    assert summary("Two lines\n    of one sentence.\n\n    Details.") == "Two lines of one sentence."
+
+
 # -- the plugin guide's examples ------------------------------------------------------------------------------
 
 def guide_files() -> dict[str, str]:
@@ -500,7 +515,7 @@ def test_guide_lists_every_hook():
 @pytest.fixture()
 def guide_plugins(clean_env, tmp_path):
     files = guide_files()
-    assert set(files) == {"shout.py", "reinforce.py"}
+    assert set(files) == {"shout.py", "reinforce.py", "rival.py"}
     clean_env.setenv("ARENA_PLUGINS_DIR", str(write_plugins(tmp_path / "guide", **{
         name.removesuffix(".py"): code for name, code in files.items()})))
     return clean_env
@@ -554,6 +569,83 @@ def test_guide_examples_play_a_run(guide_plugins, tiny_config, tmp_path, capsys)
     assert "eval/hits" in metrics[0] and "eval/hits" in metrics[2] and "train/samples" in metrics[1]
     state = json.loads((run / "checkpoints" / "000002" / "game_state.json").read_text())
     assert state == {"cursor": 4}
+
+
+RUN_START_SPY = '''
+import sys
+
+from arena import hookimpl
+
+
+@hookimpl
+def arena_run_start(run):  # after a resume's checkpoint is restored, before the first round
+    print(f"spy: start {run.start_iteration} frozen {run.policy.frozen_adapters()}", file=sys.stderr)
+'''
+
+
+def test_guide_rival_declares_its_roles_to_the_config(guide_plugins):
+    """role_names and produced_by_role let `arena config` refuse a mix's roles without loading a model."""
+    import arena.plugins.backends.hf.backend as hf
+    from arena import Env
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    guide_plugins.setattr(hf, "load_causal_lm", no_model)
+    registry = load_registry()
+    assert registry.failed == {}
+    with pytest.raises(ConfigError, match=r"^optimizer\.parts\.0\.trains: no role 'playr'; the game's roles "
+                                          r"are: player, rival$"):
+        resolve(registry, "rival", overrides=["optimizer={name: mix, parts: [{name: grpo, trains: [playr]}]}"])
+    with pytest.raises(ConfigError, match=r"^optimizer\.roles\.playr: no such role"):
+        resolve(registry, "rival", overrides=["optimizer.roles.playr.weight=2"])
+    with pytest.raises(ConfigError, match=r"^optimizer\.parts\.0\.trains: role 'rival' is played but never "):
+        resolve(registry, "rival",
+                overrides=["optimizer={name: mix, parts: [{name: grpo, trains: [player, rival]}]}"])
+    # the frozen rival needs no part
+    resolved = resolve(registry, "rival", overrides=["optimizer={name: mix, parts: [{name: grpo, trains: [player]}]}"])
+
+    game_class = registry.entries["game"]["rival"].obj
+    options = resolved.config.game.options
+    assert game_class.produced_by_role(options) == {"player": frozenset({"rewards"}), "rival": frozenset()}
+    assert game_class.freezes(options, "rival") is True and game_class.freezes(options, "other") is False
+    game = registry.build("game", resolved.config.game, Env(config=resolved.config, registry=registry))
+    game.check_built_roles()  # what it builds agrees with what it declares
+    assert {name: role.trained for name, role in game.roles.items()} == {"player": True, "rival": False}
+
+
+def test_guide_rival_plays_and_resumes_with_its_frozen_adapter(guide_plugins, tiny_config, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    write_plugins(tmp_path / "guide", spy=RUN_START_SPY)  # beside the guide's files: reports each run's start
+    # refresh_every=5: the rival frozen at iteration 1 plays iterations 2 and 3, the last one after the resume
+    game = ["game.max_new_tokens=4", "game.refresh_every=5"]
+    assert main(["play", "rival", *tiny_config, *game]) == 0
+    err = capsys.readouterr().err
+    assert "spy: start 1 frozen []" in err, err
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "000002"
+    assert (checkpoint / "adapter" / "frozen" / "rival.safetensors").is_file()
+    assert "adapter/frozen/rival.safetensors" in json.loads((checkpoint / "meta.json").read_text())["sha256"]
+    frozen = load_file(checkpoint / "adapter" / "frozen" / "rival.safetensors")
+
+    assert main(["play", "rival", "--resume", str(run), "run.iterations=3"]) == 0
+    err = capsys.readouterr().err
+    assert "spy: start 3 frozen ['rival']" in err, err  # restored from checkpoint 2, before round 3 was played
+    restored = load_file(run / "checkpoints" / "000003" / "adapter" / "frozen" / "rival.safetensors")
+    assert frozen.keys() == restored.keys() and all(torch.equal(frozen[k], restored[k]) for k in frozen)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["000002", "000003"]  # keep_checkpoints 2
+
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["iteration"] for s in samples] == [1] * 12 + [2] * 12 + [3] * 12  # 4 prompts: 1 rival + 2 player
+    rival = [s for s in samples if s["role"] == "rival"]
+    player = [s for s in samples if s["role"] == "player"]
+    assert len(rival) == 12 and len(player) == 24
+    assert not any(s["trained"] for s in rival)  # played, recorded, never trained on
+    assert all(s["trained"] == (s["reward"] is not None) for s in player) and any(s["trained"] for s in player)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [1, 2, 3] and all("rival/wins" in m for m in metrics)
 
 
 EXITS = '''

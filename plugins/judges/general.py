@@ -210,9 +210,11 @@ class PairwiseOptions:
 
 
 class Pairwise(Judge):
-    """Which of two responses is better, AlpacaEval-style: the judge model's probability of `A` against `B`
-    after `<Better>` (one forward pass per pair, never unparseable). `arena eval`'s default for win rates; as a
-    judge in play it scores a response against the record's reference answer, in both orders."""
+    """Which of two responses is better, AlpacaEval-style, from one forward pass per pair; eval's win rates.
+
+    The score is the judge model's probability of `A` against `B` after `<Better>` (never unparseable). `arena
+    eval`'s default for win rates; as a judge in play it scores a response against the record's reference answer,
+    in both orders."""
 
     Options = PairwiseOptions
 
