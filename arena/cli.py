@@ -11,12 +11,14 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from arena.errors import ArenaError, ArenaWarning
 
 EXIT_USAGE = 2
 _default_showwarning = warnings.showwarning
 EXIT_INTERRUPTED = 130
+PROCESS = int(os.environ.get("RANK", "0") or 0)  # this process's rank in a launched run (0 when alone)
 
 
 def _registry():
@@ -82,13 +84,27 @@ def _source_of(key: str, sources: dict) -> str | None:
 
 
 def cmd_play(args: argparse.Namespace) -> int:
+    from arena.distributed import join
 
+    group = join()  # one of several processes (torchrun, accelerate launch), or alone
+    finished = False
+    try:
+        code = _play(args, group)
+        finished = True
+        return code
+    finally:
+        group.close(finished)
+
+
+def _play(args: argparse.Namespace, group: Any) -> int:
     from arena.config import check_resume_changes, load_file
     from arena.loop import play
 
     registry = _registry()
-    base = None
-    if args.resume:
+
+    def read_saved() -> dict[str, Any] | None:  # process 0's: the others may be on machines without the folder
+        if not args.resume:
+            return None
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
             raise ArenaError(f"--resume {args.resume}: no config.yaml there; expected a run directory")
@@ -96,16 +112,23 @@ def cmd_play(args: argparse.Namespace) -> int:
         played = base.get("game", {}).get("name") if isinstance(base.get("game"), dict) else None
         if played != args.game:
             raise ArenaError(f"--resume {args.resume}: that run plays {played!r}, not {args.game!r}")
-    resolved = _resolve(args, registry, base=base)
-    if base is not None:
-        check_resume_changes(_resolve(argparse.Namespace(game=args.game, config=[], overrides=[]), registry,
-                                      base=base).tree, resolved.tree)
+        return base
+    base = group.on_main(read_saved)
+
+    def resolve() -> Any:  # on every process, so each checks its own data; an error anywhere stops them all
+        resolved = _resolve(args, registry, base=base)
+        if base is not None:
+            check_resume_changes(_resolve(argparse.Namespace(game=args.game, config=[], overrides=[]), registry,
+                                          base=base).tree, resolved.tree)
+        return resolved
+    resolved = group.agree(resolve)
     try:
-        run_dir = play(registry, resolved, resume=args.resume)
+        run_dir = play(registry, resolved, resume=args.resume, group=group)
     except KeyboardInterrupt:
         print("\narena: interrupted", file=sys.stderr)  # the run's logger says how to resume
         return EXIT_INTERRUPTED
-    print(f"run saved in {run_dir}")
+    if group.main:
+        print(f"run saved in {run_dir}")
     return 0
 
 
@@ -139,9 +162,11 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """ArenaWarnings are for the user: one line each, no source location."""
+    """ArenaWarnings are for the user: one line each, no source location, said by process 0 of a launched run
+    (the others meet the same config and data)."""
     if issubclass(category, ArenaWarning):
-        print(f"arena: warning: {message}", file=sys.stderr, flush=True)
+        if PROCESS == 0:
+            print(f"arena: warning: {message}", file=sys.stderr, flush=True)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
 
@@ -174,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*(args.overrides or []), *extra]
         return args.func(args) or 0
     except ArenaError as exc:
-        print(f"arena: error: {exc}", file=sys.stderr)
+        origin = getattr(exc, "arena_process", None)  # an error every process of a launched run raised
+        if origin is None or PROCESS == 0:  # ... is reported once, by process 0
+            print(f"arena: error: {f'process {origin}: ' if origin else ''}{exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:  # a full disk, a read-only folder, a path under /proc: one line naming the file
         if exc.strerror is None:

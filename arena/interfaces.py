@@ -38,6 +38,7 @@ class Env:
     registry: "Registry"
     policy: "Policy | None" = None
     run: Any = None  # arena.loop.Run while playing: hooks see it
+    group: Any = None  # arena.distributed.Group: the processes of the run (None: this one alone)
 
 
 class Policy(ABC):

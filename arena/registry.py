@@ -55,6 +55,7 @@ class Registry:
         self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         self.commands: dict[str, Command] = {}
         self.failed: dict[str, str] = {}  # plugin name -> error
+        self.calls_hooks = True  # false on processes other than 0 of a several-process run
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries[kind])
@@ -63,7 +64,7 @@ class Registry:
     def hooks(self) -> "RunHooks":
         """The run's lifecycle hooks (`registry.hooks.arena_run_start(run=...)`), with a plugin's failure turned
         into one error naming the plugin and the hook."""
-        return RunHooks(self.pm)
+        return RunHooks(self.pm) if self.calls_hooks else NoHooks()
 
     def get(self, kind: str, name: Any, path: str | None = None) -> Entry:
         path = path or kind
@@ -84,11 +85,17 @@ class Registry:
         else:
             options, entry = validate_component(self, kind, spec, path)
         try:
-            return entry.obj(options, env)
+            component = entry.obj(options, env)
         except ConfigError as exc:  # a component's own key errors are relative to its section
             if exc.path == path or exc.path.startswith(path + "."):
                 raise
             raise ConfigError(f"{path}.{exc.path}" if exc.path else path, exc.detail) from None
+        group = getattr(env, "group", None)
+        if group is not None and group.size > 1:  # one of several processes: split its calls across them
+            from arena.distributed import sharded
+
+            component = sharded(kind, component, group)
+        return component
 
     def _collect(self, plugin_name: str) -> None:
         """Call the registration hooks of one plugin and file what it registers under its name. The hooks are
@@ -152,6 +159,14 @@ def _allowed_third_party(eps: list[importlib.metadata.EntryPoint]) -> set[str] |
         warnings.warn(f"ARENA_PLUGINS names {name!r}, which matches no installed plugin; installed: "
                       f"{', '.join(installed) or '(none)'}", ArenaWarning, stacklevel=3)
     return allowed
+
+
+class NoHooks:
+    """The hooks of a process other than 0 of a several-process run: every call does nothing (loggers and
+    plugins observe the run once, on process 0)."""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        return lambda **kwargs: None
 
 
 class RunHooks:

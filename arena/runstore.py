@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import fcntl
 import json
 import math
@@ -83,9 +84,19 @@ def finite_json(value: Any) -> Any:
     return value
 
 
+def _writer_only(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A method that touches the run folder: it does nothing in a store that does not write (a process other
+    than 0 of a several-process run, where process 0 alone writes)."""
+    @functools.wraps(method)
+    def wrapped(self: "RunStore", *args: Any, **kwargs: Any) -> Any:
+        return method(self, *args, **kwargs) if self.writer else None
+    return wrapped
+
+
 class RunStore:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, writer: bool = True):
         self.root = Path(root)
+        self.writer = writer
         self.samples_path = self.root / "samples.jsonl"
         self.metrics_path = self.root / "metrics.jsonl"
         self.config_path = self.root / "config.yaml"
@@ -94,6 +105,7 @@ class RunStore:
         self._lock_fd: int | None = None
 
     # -- the folder -------------------------------------------------------------------------------------------
+    @_writer_only
     def check_new(self) -> None:
         """Refuse to start a run in a folder that holds anything: nothing written before is ever overwritten."""
         if not self.root.exists():
@@ -108,6 +120,7 @@ class RunStore:
             raise ArenaError(f"run.dir {self.root}: not empty (holds {', '.join(held[:3])}"
                              f"{', ...' if len(held) > 3 else ''}) and no run; choose a new or empty folder")
 
+    @_writer_only
     def create(self, config_yaml: str) -> None:
         """Make the folder, take its lock, and only then check that it is empty and write the config: two new
         runs given the same run.dir cannot both pass the check."""
@@ -121,6 +134,7 @@ class RunStore:
             raise
         self.write_config(config_yaml)
 
+    @_writer_only
     def discard(self, made_folder: bool) -> None:
         """Remove a new run that stopped before its first checkpoint: what it wrote, and the folder if it made it
         (an empty run.dir given by the user stays). Call unlocked; `check_new` made sure nothing else was there."""
@@ -133,6 +147,7 @@ class RunStore:
             else:
                 path.unlink(missing_ok=True)
 
+    @_writer_only
     def write_config(self, config_yaml: str) -> None:
         tmp = self.config_path.with_suffix(".yaml.tmp")
         with _writing(self.config_path):
@@ -143,6 +158,7 @@ class RunStore:
                 tmp.unlink(missing_ok=True)
 
     # -- the lock ---------------------------------------------------------------------------------------------
+    @_writer_only
     def lock(self) -> RunStore:
         """Take the run folder for this process until `unlock` or exit; two processes appending to the same
         files would interleave rounds. Also `with store.lock(): ...`."""
@@ -167,6 +183,7 @@ class RunStore:
         self._lock_fd = fd
         return self
 
+    @_writer_only
     def unlock(self) -> None:
         """Release the lock; the file stays (removing it would let two processes lock different files)."""
         fd, self._lock_fd = self._lock_fd, None
@@ -187,9 +204,11 @@ class RunStore:
             f.flush()
             os.fsync(f.fileno())
 
+    @_writer_only
     def append_samples(self, iteration: int, samples: Iterable[Any]) -> None:
         self._append(self.samples_path, ({"iteration": iteration, **s.to_json()} for s in samples))
 
+    @_writer_only
     def append_metrics(self, record: dict[str, Any]) -> None:
         self._append(self.metrics_path, [record])
 
@@ -200,6 +219,7 @@ class RunStore:
     def checkpoint_dir(self, iteration: int) -> Path:
         return self.checkpoints / f"{iteration:06d}"
 
+    @_writer_only
     def save_checkpoint(self, iteration: int, *, policy: Any, optimizer: Any, game: Any, keep: int = 2,
                         config: dict[str, Any] | None = None) -> Path:
         """Write the adapter, optimizer state and game state as one checkpoint, durable before it is visible;
@@ -415,6 +435,26 @@ def _reason(exc: BaseException) -> str:
     text = (str(exc).strip().splitlines() or [""])[0]
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= 100 else text[:97] + "..."
+
+
+def checkpoint_files(path: Path) -> dict[str, bytes]:
+    """Every file of a checkpoint folder, by relative path: what process 0 sends the others once it has restored
+    the checkpoint, so that they need no access to the run folder (another machine)."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def load_checkpoint_files(files: dict[str, bytes], *, policy: Any, optimizer: Any, game: Any) -> None:
+    """Load a checkpoint sent as `checkpoint_files` into the components (in a temporary folder, removed after)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="arena-checkpoint-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / name).write_bytes(data)
+        _, opt_state, game_state = _read_checkpoint(Path(tmp))
+        _load_adapter(policy, Path(tmp))
+        optimizer.load_state_dict(opt_state)
+        game.load_state_dict(game_state)
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Any, dict[str, Any]]:

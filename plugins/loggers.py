@@ -52,7 +52,9 @@ class PlainLogger(Logger):
     @hookimpl
     def arena_run_start(self, run: Any) -> None:
         first = "starting" if run.start_iteration == 1 else f"resuming at iteration {run.start_iteration}"
-        self._print(f"{first}: {run.config.game.name} for {run.iterations} iterations in {run.dir}")
+        processes = getattr(run, "processes", 1)
+        self._print(f"{first}: {run.config.game.name} for {run.iterations} iterations in {run.dir}"
+                    f"{f' on {processes} processes' if processes > 1 else ''}")
 
     @hookimpl
     def arena_metrics(self, run: Any, step: int, metrics: dict[str, float]) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from arena.distributed import SOLO
 from arena.errors import ArenaError, ConfigError
 from arena.interfaces import Env, Optimizer
 from arena.runstore import all_finite
@@ -27,10 +28,14 @@ def unchanged(epoch: int) -> str:
 
 
 class AdamWOptimizer(Optimizer):
-    """Base of an optimizer whose options carry `lr`, `weight_decay`, `adam_betas` and `max_grad_norm`."""
+    """Base of an optimizer whose options carry `lr`, `weight_decay`, `adam_betas` and `max_grad_norm`.
+
+    In a run of several processes (`group`), each computes the gradient of its share of the round's micro-batches
+    (`group.mine`); `update` sums them before the step, so every process takes the same step as one would."""
 
     def __init__(self, options: Any, env: Env):
         super().__init__(options, env)
+        self.group = env.group or SOLO
         self.policy = env.policy
         self.params = self.policy.trainable_parameters()
         self.torch_optimizer = torch.optim.AdamW(self.params, lr=options.lr, betas=tuple(options.adam_betas),
@@ -39,6 +44,7 @@ class AdamWOptimizer(Optimizer):
     def update(self, epoch: int = 0) -> float:
         """Clip the accumulated gradient (max_grad_norm 0: measure only) and step; returns the norm before
         clipping. A non-finite norm clears the gradient and raises instead."""
+        self.group.sum_gradients(self.params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm or math.inf))
         if not math.isfinite(grad_norm):
             self.torch_optimizer.zero_grad(set_to_none=True)

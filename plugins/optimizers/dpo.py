@@ -120,8 +120,10 @@ class Prepared:
 
     pairs: list[Pair]  # those trained on (valid, in a trained role of weight > 0)
     invalid: int
-    # (pairs, per-pair weight w_role / pairs of the role, reference sums [2·pairs]: chosen, rejected alternating)
-    batches: list[tuple[list[Pair], list[float], torch.Tensor]]
+    # (pairs, per-pair weight w_role / pairs of the role, reference sums [2·pairs]: chosen, rejected alternating;
+    # None for a micro-batch another process of the run computes)
+    batches: list[tuple[list[Pair], list[float], Optional[torch.Tensor]]]
+    owned: list[int]  # the micro-batches this process computes (all, when alone)
 
 
 class NonFiniteLoss(ArenaError):
@@ -170,15 +172,17 @@ class DPO(AdamWOptimizer):
         for p in pairs:  # one reference per micro-batch
             by_ref.setdefault(self._reference(p), []).append(p)
         per_batch = max(1, self.micro_batch_size // 2)
+        planned = []
+        for ref, group in by_ref.items():
+            group.sort(key=lambda p: (len(p.chosen.prompt_ids), p.chosen.prompt_ids))  # shared prompts
+            planned += [(ref, group[i:i + per_batch]) for i in range(0, len(group), per_batch)]
+        owned = self.group.mine(len(planned))
         batches = []
         with torch.no_grad():
-            for ref, group in by_ref.items():
-                group.sort(key=lambda p: (len(p.chosen.prompt_ids), p.chosen.prompt_ids))  # shared prompts
-                for i in range(0, len(group), per_batch):
-                    mb = group[i:i + per_batch]
-                    batches.append((mb, [self._weight(p.role) / count[p.role] for p in mb],
-                                    self._logprobs(mb, ref).detach()))
-        return Prepared(pairs, invalid, batches)
+            for k, (ref, mb) in enumerate(planned):
+                batches.append((mb, [self._weight(p.role) / count[p.role] for p in mb],
+                                self._logprobs(mb, ref).detach() if k in owned else None))
+        return Prepared(pairs, invalid, batches, owned)
 
     def accumulate(self, samples: Sequence[Sample], roles: dict[str, Role], scale: float = 1.0) -> dict[str, float]:
         """Add `scale` x the gradient of one pass of this round's loss to the trainable parameters' .grad, neither
@@ -186,21 +190,21 @@ class DPO(AdamWOptimizer):
         as grpo's does (the mixer clears the flags if its update fails)."""
         prepared = self._prepare(samples, roles)
         try:
-            metrics = self._accumulate(prepared, scale)
+            sums = self.group.agree(lambda: self._accumulate(prepared, scale))
         except NonFiniteLoss as exc:
             raise ArenaError(f"{exc}{unchanged(0)}") from None
         for p in prepared.pairs:
             p.chosen.trained = p.rejected.trained = True
-        return metrics
+        return self._metrics(prepared, sums)
 
     def _accumulate(self, r: Prepared, scale: float = 1.0) -> dict[str, float]:
-        """The loss and its backward, micro-batch by micro-batch. Raises NonFiniteLoss before the backward of a
-        non-finite micro-batch (earlier ones have already added to .grad)."""
+        """The loss and its backward, micro-batch by micro-batch (this process's), and the metric sums. Raises
+        NonFiniteLoss before the backward of a non-finite micro-batch (earlier ones have already added to .grad)."""
         o = self.options
-        n = len(r.pairs)
         sums = dict.fromkeys(("loss", "margin", "accuracy", "logps/chosen", "logps/rejected", "rewards/chosen",
                               "rewards/rejected"), 0.0)
-        for mb, weights, ref in r.batches:
+        for k in r.owned:
+            mb, weights, ref = r.batches[k]
             logp = self._logprobs(mb)
             ref = ref.to(logp.device)
             losses, chosen_r, rejected_r = pairwise_loss(logp[0::2], logp[1::2], ref[0::2], ref[1::2], o.beta, o.loss)
@@ -217,6 +221,13 @@ class DPO(AdamWOptimizer):
             sums["logps/rejected"] += logp[1::2].detach().sum().item()
             sums["rewards/chosen"] += chosen_r.sum().item()
             sums["rewards/rejected"] += rejected_r.sum().item()
+        return sums
+
+    def _metrics(self, r: Prepared, sums: dict[str, float]) -> dict[str, float]:
+        """The round's metrics from the metric sums, added up over the processes of a run."""
+        if self.group.size > 1:
+            sums = dict(zip(sums, self.group.sum(list(sums.values()))))
+        n = len(r.pairs)
         metrics = {k: v if k == "loss" else v / max(1, n) for k, v in sums.items()}
         metrics["pairs/trained"] = float(n)
         metrics["pairs/invalid"] = float(r.invalid)
@@ -228,13 +239,13 @@ class DPO(AdamWOptimizer):
         o = self.options
         prepared = self._prepare(samples, roles)
         if not prepared.pairs:  # nothing to learn from: no update, nothing trained on
-            return self._accumulate(prepared)  # no update: no gradient norm to report
+            return self._metrics(prepared, self._accumulate(prepared))  # no update: no gradient norm to report
         first: dict[str, float] = {}
         losses, grad_norm = [], 0.0
         for epoch in range(o.epochs):
             self.torch_optimizer.zero_grad(set_to_none=True)
             try:
-                metrics = self._accumulate(prepared)
+                metrics = self._metrics(prepared, self.group.agree(lambda: self._accumulate(prepared)))
             except NonFiniteLoss as exc:
                 self.torch_optimizer.zero_grad(set_to_none=True)
                 raise ArenaError(f"{exc}{unchanged(epoch)}") from None

@@ -103,8 +103,9 @@ class _Round:
     the metric sums of its passes."""
 
     micro: list[tuple[str, float, list[Sample]]] = field(default_factory=list)
+    owned: list[int] = field(default_factory=list)  # the micro-batches this process computes (all, when alone)
     refs: list[Optional[torch.Tensor]] = field(default_factory=list)
-    olds: list[torch.Tensor] = field(default_factory=list)
+    olds: dict[int, torch.Tensor] = field(default_factory=dict)
     denom: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     trained: list[Sample] = field(default_factory=list)
     samples: int = 0
@@ -115,6 +116,17 @@ class _Round:
     gap_sum: float = 0.0
     gap_tokens: float = 0.0
     grad_norm: Optional[float] = None  # set by a step; a pass accumulated for a mix has none of its own
+
+    def add_up(self, group: Any) -> None:
+        """The metric sums over every process of a run (each summed its own micro-batches)."""
+        if group.size == 1:
+            return
+        roles = list(dict.fromkeys(role for role, _, _ in self.micro))
+        values = group.sum([self.loss, self.clipped, self.gap_sum, self.gap_tokens,
+                            *(self.kl[r] for r in roles), *(self.tokens[r] for r in roles)])
+        self.loss, self.clipped, self.gap_sum, self.gap_tokens = values[:4]
+        self.kl = defaultdict(float, zip(roles, values[4:4 + len(roles)]))
+        self.tokens = defaultdict(float, zip(roles, values[4 + len(roles):]))
 
     def summary(self, passes: int) -> dict[str, float]:
         out = {"train/samples": float(self.samples)}
@@ -151,11 +163,12 @@ class GRPO(AdamWOptimizer):
             return plan.summary(0)
         for epoch in range(self.options.epochs):
             self.torch_optimizer.zero_grad(set_to_none=True)
-            self._backward(plan, epoch)
+            self.group.agree(lambda: self._backward(plan, epoch))  # a failure on any process stops all of them
             plan.grad_norm = self.update(epoch)
         self.torch_optimizer.zero_grad(set_to_none=True)
         for s in plan.trained:
             s.trained = True
+        plan.add_up(self.group)
         return plan.summary(self.options.epochs)
 
     def accumulate(self, samples: Sequence[Sample], roles: dict[str, Role], scale: float = 1.0) -> dict[str, float]:
@@ -163,9 +176,10 @@ class GRPO(AdamWOptimizer):
         stepping: how the `mix` optimizer sums several objectives into one update."""
         plan = self._prepare(samples, roles)
         if plan.micro:
-            self._backward(plan, 0, scale)
+            self.group.agree(lambda: self._backward(plan, 0, scale))
             for s in plan.trained:
                 s.trained = True
+            plan.add_up(self.group)
         return plan.summary(1 if plan.micro else 0)
 
     def _prepare(self, samples: Sequence[Sample], roles: dict[str, Role]) -> "_Round":
@@ -200,10 +214,13 @@ class GRPO(AdamWOptimizer):
             group.sort(key=lambda s: (len(s.prompt_ids), s.prompt_ids))
             for i in range(0, len(group), self.micro_batch_size):
                 plan.micro.append((role, temperature, group[i:i + self.micro_batch_size]))
-        for role, temperature, mb in plan.micro:
-            beta = self._objective(role)[1]
-            plan.refs.append(self.policy.sequence_logprobs([s.prompt_ids for s in mb], [s.completion_ids for s in mb],
-                                                           temperature=temperature, reference=True) if beta else None)
+        plan.owned = self.group.mine(len(plan.micro))
+        plan.refs = [None] * len(plan.micro)
+        for k in plan.owned:
+            role, temperature, mb = plan.micro[k]
+            if self._objective(role)[1]:
+                plan.refs[k] = self.policy.sequence_logprobs([s.prompt_ids for s in mb], [s.completion_ids for s in mb],
+                                                             temperature=temperature, reference=True)
         return plan
 
     def _backward(self, plan: "_Round", epoch: int, scale: float = 1.0) -> None:
@@ -214,7 +231,8 @@ class GRPO(AdamWOptimizer):
         training forward by rounding in bf16 (batch shapes, kernels); they stay in samples.jsonl and their gap is
         reported as `sampler_logprob_gap`."""
         o = self.options
-        for k, ((role, temperature, mb), ref) in enumerate(zip(plan.micro, plan.refs)):
+        for k in plan.owned:
+            (role, temperature, mb), ref = plan.micro[k], plan.refs[k]
             weight, beta = self._objective(role)
             logp = self.policy.sequence_logprobs([s.prompt_ids for s in mb], [s.completion_ids for s in mb],
                                                  temperature=temperature)
@@ -222,7 +240,7 @@ class GRPO(AdamWOptimizer):
             for i, s in enumerate(mb):
                 mask[i, :len(s.completion_ids)] = 1
             if epoch == 0:
-                plan.olds.append(logp.detach())
+                plan.olds[k] = logp.detach()
                 sampled, recorded = torch.zeros_like(logp), torch.zeros_like(logp)
                 for i, s in enumerate(mb):
                     n = min(len(s.logprobs), logp.shape[1])

@@ -1,0 +1,197 @@
+"""Runs of several processes, launched as a user launches them (`python -m torch.distributed.run`, which is
+`torchrun`), on CPU with gloo and one thread each: the update of two processes equals the update of one, every
+built-in game plays whole rounds with one record per iteration and the same state on both processes, and a process
+that decides differently is caught. Each launch is checked to have really run two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from arena.distributed import SOLO, Group
+from arena.runstore import read_jsonl
+
+TESTS = Path(__file__).parent
+
+
+def launch(args: list[str], processes: int = 2, env: dict[str, str] | None = None,
+           timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N ARGS` (a script path or `-m arena ...`), one thread each."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+# -- the split, as arithmetic ---------------------------------------------------------------------------------
+
+def test_shares_cover_every_item_once():
+    class Of(Group):
+        def __init__(self, rank: int, size: int):
+            self.rank, self.size = rank, size
+
+    for size in (1, 2, 3, 5):
+        for count in (0, 1, 2, 7, 16):
+            contiguous = [i for r in range(size) for i in Of(r, size).share(count)]
+            strided = sorted(i for r in range(size) for i in Of(r, size).mine(count))
+            assert contiguous == strided == list(range(count))
+            sizes = [len(Of(r, size).share(count)) for r in range(size)]
+            assert max(sizes) - min(sizes) <= 1
+    assert SOLO.size == 1 and SOLO.main and SOLO.gather(lambda xs: [x * 2 for x in xs], [1, 2]) == [2, 4]
+
+
+# -- one update --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["grpo", "dpo", "mix"])
+def test_two_processes_take_the_step_of_one(tiny_model_dir, tmp_path, name):
+    """The same samples, one process against two: the gradient summed over the two halves of the micro-batches and
+    the weights after AdamW's step equal one process's (float32, to 1e-6), the two processes' weights are
+    identical, and so are the metrics."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    script = str(TESTS / "distributed_step.py")
+    alone = subprocess.run([sys.executable, script, str(tiny_model_dir), name, str(one)], capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    both = launch([script, str(tiny_model_dir), name, str(two)])
+    assert both.returncode == 0, both.stderr[-3000:]
+    want = torch.load(one / "rank0.pt")
+    got = [torch.load(two / f"rank{r}.pt") for r in (0, 1)]
+    assert want["size"] == 1 and [g["size"] for g in got] == [2, 2]
+    assert max(float(g.abs().max()) for g in want["grads"]) > 1e-3  # a real gradient, not zeros
+    for g in got:
+        for a, b in zip(g["grads"], want["grads"]):
+            assert torch.allclose(a, b, atol=1e-6, rtol=0), float((a - b).abs().max())
+        for a, b in zip(g["weights"], want["weights"]):
+            assert torch.allclose(a, b, atol=1e-6, rtol=0), float((a - b).abs().max())
+        assert g["metrics"].keys() == want["metrics"].keys() and g["trained"] == want["trained"]
+        for key, value in want["metrics"].items():
+            assert g["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert all(torch.equal(a, b) for a, b in zip(got[0]["weights"], got[1]["weights"]))
+
+
+# -- whole runs ------------------------------------------------------------------------------------------------------
+
+def pairs_file(folder: Path) -> Path:
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Name a colour number {i}.",
+                                        "response": f"Colour {i} is blue, like the sky at noon."}) + "\n"
+                            for i in range(12)))
+    return path
+
+
+def corpus_file(folder: Path) -> Path:
+    from test_pop import DOC
+
+    import random
+
+    words = DOC.split()
+    path = folder / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"title": f"doc {i}", "text": " ".join(random.Random(i).sample(words, len(words)))})
+                            + "\n" for i in range(6)))
+    return path
+
+
+def game_args(game: str, folder: Path) -> list[str]:
+    from test_azr import TINY_AZR
+    from test_lsp import TINY_LSP
+
+    if game == "prompts":
+        return ["game.dataset=arithmetic", "judge=exact_match", "game.prompts_per_round=4", "game.group_size=2",
+                "game.max_new_tokens=4", "game.eval_size=4", "run.eval_every=1"]
+    if game == "lsp":
+        return TINY_LSP
+    if game == "spin":
+        return [f"game.dataset={pairs_file(folder)}", "game.prompts_per_round=2", "game.max_new_tokens=6",
+                "game.eval_size=2", "game.rounds_per_iteration=2", "run.eval_every=2", "optimizer.lr=0.01"]
+    if game == "azr":
+        return TINY_AZR
+    return [f"game.corpus={corpus_file(folder)}", "game.min_document_words=10", "game.eval_size=2",
+            "game.min_question_overlap=0", "game.documents_per_round=2", "game.answers=2",
+            "game.field_max_new_tokens=6", "game.solver_max_new_tokens=6", "run.eval_every=2"]
+
+
+@pytest.mark.parametrize("game", ["prompts", "lsp", "spin", "azr", "pop"])
+def test_every_game_plays_whole_rounds_on_two_processes(tiny_model_dir, tmp_path, game):
+    """One run folder written by process 0: one record per iteration, every round whole, checkpoints; the state
+    of both processes compared after every round (the loop stops the run if they differ)."""
+    run = tmp_path / "run"
+    out = launch(["-m", "arena", "play", game, f"model.path={tiny_model_dir}", f"run.dir={run}", "run.iterations=2",
+                  "run.loggers=[plain]", "model.lora.r=4", *game_args(game, tmp_path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"in {run} on 2 processes" in out.stdout and out.stdout.count("run saved in") == 1, out.stdout
+    records = list(read_jsonl(run / "metrics.jsonl"))
+    assert [r["iteration"] for r in records if r["iteration"] > 0] == [1, 2]
+    samples = list(read_jsonl(run / "samples.jsonl"))
+    assert {s["iteration"] for s in samples} == {1, 2}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["000001", "000002"]
+    assert "arena: error" not in out.stderr and not arena_traceback(out.stderr), out.stderr[-3000:]
+
+
+DRIFT = '''
+import torch
+from arena import Game, Role, Sample, hookimpl
+from dataclasses import dataclass
+
+
+@dataclass
+class DriftOptions:
+    pass
+
+
+class Drift(Game):
+    """A game that decides with torch's generator, which differs per process, instead of ctx.rng."""
+
+    Options = DriftOptions
+    role_names = ("player",)
+
+    def __init__(self, options, env):
+        super().__init__(options, env)
+        self.draws = []
+
+    @property
+    def roles(self):
+        return {"player": Role("player")}
+
+    def play(self, ctx):
+        self.draws.append(float(torch.rand(())))
+        (gens,) = ctx.policy.generate([[{"role": "user", "content": "hi"}]], n=2, max_new_tokens=2)
+        return [Sample.from_generation(self.roles["player"], [], g, reward=float(i), group="g")
+                for i, g in enumerate(gens)]
+
+    def state_dict(self):
+        return {"draws": self.draws}
+
+
+@hookimpl
+def register_games(register):
+    register("drift", Drift)
+'''
+
+
+def test_processes_that_drift_apart_are_stopped(tiny_model_dir, tmp_path):
+    """The state check can fail: a game whose state depends on the process stops the run in one line after the
+    first round, reported by process 0, and every process exits 2."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "drift.py").write_text(DRIFT)
+    run = tmp_path / "run"
+    out = launch(["-m", "arena", "play", "drift", f"model.path={tiny_model_dir}", f"run.dir={run}",
+                  "run.iterations=2", "run.loggers=[plain]", "model.lora.r=4", "run.eval_every=0"],
+                 env={"ARENA_PLUGINS_DIR": str(plugins)})
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("arena: error:")]
+    assert len(errors) == 1 and "after iteration 1 differs between process 0 and process 1" in errors[0], out.stderr
+    assert "exitcode  : 2" in out.stderr  # the launcher's report of the first process to stop
+    assert not arena_traceback(out.stderr), out.stderr[-3000:]
+
+
+def arena_traceback(stderr: str) -> bool:
+    """Whether a traceback passes through arena's code (the launcher prints its own report of a failure)."""
+    return re.search(r'File "[^"]*/(arena|games|plugins)/[^"]*\.py"', stderr) is not None
