@@ -96,9 +96,26 @@ def launched() -> bool:
 def join(device: str = "auto") -> Group:
     """The group this process belongs to: SOLO unless launched as one of several, else it joins them (the
     rendezvous address and ranks come from the launcher's environment). `device`: the model's device setting."""
+    check_launch(os.environ)
     if not launched():
         return SOLO
     return Processes(device)
+
+
+def check_launch(env: Any) -> None:
+    """Refuse, in one line, the launches arena cannot serve: a model sharded over the processes (FSDP, DeepSpeed),
+    processes started by mpirun, and accelerate's `--cpu` with several processes, which starts only one."""
+    for flag, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if env.get(flag, "").lower() in ("1", "true", "yes"):
+            raise ArenaError(f"{what} (accelerate's {flag}) is not supported yet: each process holds the whole "
+                             "model; launch without it (data-parallel) or use a model that fits one device")
+    if int(env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", "1")) or 1) > 1 and "WORLD_SIZE" not in env:
+        raise ArenaError("started by mpirun, which arena does not join; launch with torchrun or accelerate launch "
+                         "--multi_gpu --num_processes N (on a CPU too: gloo)")
+    if env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+        raise ArenaError("accelerate launch --cpu with several processes starts only one (it expects mpirun); "
+                         "use accelerate launch --multi_gpu --num_processes N, which starts N CPU processes with gloo "
+                         "where there is no GPU, or torchrun")
 
 
 class Processes(Group):

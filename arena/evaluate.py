@@ -231,9 +231,10 @@ def check_overrides(overrides: Sequence[str]) -> None:
 
 
 def evaluate_runs(runs: list[Any], registry: Any, compare: dict[str, Any], prompts: PromptFile | None = None,
-                  say: Callable[[str], None] = print) -> dict[str, Any]:
+                  say: Callable[[str], None] = print, group: Any = None) -> dict[str, Any]:
     """Score the base model and each trained run (arena.runs.TrainedRun) on the first run's held-out set, or on
-    `prompts`. The runs must share their game and model (the adapters are loaded in turn into one policy)."""
+    `prompts`. The runs must share their game and model (the adapters are loaded in turn into one policy).
+    `group`: the processes of a launched `arena eval`, across which every generate and judge call is split."""
     from arena.config import flatten
     from arena.loop import seed_everything
 
@@ -260,7 +261,7 @@ def evaluate_runs(runs: list[Any], registry: Any, compare: dict[str, Any], promp
     if len(set(labels)) < len(labels):
         twice = next(label for label in labels if labels.count(label) > 1)
         raise ArenaError(f"RUN {twice}: named twice; give each checkpoint once")
-    env = Env(config=config, registry=registry)
+    env = Env(config=config, registry=registry, group=group)
     seed_everything(config.run.seed, 0)
     policy = env.policy = registry.build("backend", config.backend, env)
     judge = registry.build("judge", config.judge, env)
@@ -281,7 +282,7 @@ def evaluate_runs(runs: list[Any], registry: Any, compare: dict[str, Any], promp
         view = ModelView(policy, base=run is None)
         # the base is the model before training: iteration 0, as the run's own first evaluation
         ctx = RoundContext(iteration=0 if run is None else run.iteration, policy=view, judge=judge,
-                           rng=seed_everything(config.run.seed, 0), env=env)
+                           rng=seed_everything(config.run.seed, 0, group.rank if group else 0), env=env)
         t0 = time.perf_counter()
         items = held_out.evaluate_items(ctx)
         answers[label] = held_out.held_out_answers(ctx)

@@ -50,7 +50,21 @@ def split_eval_args(targets: list[str]) -> tuple[list[str], list[str], dict[str,
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Score the runs and the base on one held-out set, print the table and write the results beside each run."""
+    """Score the runs and the base on one held-out set, print the table and write the results beside each run.
+    Under a launcher the held-out items are split across the processes; process 0 prints and writes."""
+    from arena.distributed import join
+
+    group = join()
+    finished = False
+    try:
+        code = _eval(args, group)
+        finished = True
+        return code
+    finally:
+        group.close(finished)
+
+
+def _eval(args: argparse.Namespace, group: Any) -> int:
     from rich.console import Console
     from rich.table import Table
 
@@ -59,27 +73,36 @@ def run_eval(args: argparse.Namespace) -> int:
     from arena.registry import load_registry
     from arena.runs import open_target
 
-    paths, overrides, compare = split_eval_args([*args.targets, *args.overrides])
-    if args.max_new_tokens is not None and not args.prompts:
-        raise ArenaError(f"--max-new-tokens {args.max_new_tokens}: sets the answer length for --prompts only; the "
-                         "game's own held-out set uses the run's settings")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ArenaError(f"--max-new-tokens {args.max_new_tokens}: expected a positive number of tokens")
-    prompts = (PromptFile(args.prompts, args.max_new_tokens or 128) if args.prompts
-               else None)  # read before any model loads
-    check_overrides(overrides)
-    registry = load_registry()
-    validate_component(registry, "judge", compare, "compare")
-    runs = [open_target(p, registry, args.checkpoint, overrides) for p in paths]
+    def prepare() -> tuple[Any, ...]:  # on every process; an error on any of them is reported once
+        paths, overrides, compare = split_eval_args([*args.targets, *args.overrides])
+        if args.max_new_tokens is not None and not args.prompts:
+            raise ArenaError(f"--max-new-tokens {args.max_new_tokens}: sets the answer length for --prompts only; "
+                             "the game's own held-out set uses the run's settings")
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise ArenaError(f"--max-new-tokens {args.max_new_tokens}: expected a positive number of tokens")
+        prompts = (PromptFile(args.prompts, args.max_new_tokens or 128) if args.prompts
+                   else None)  # read before any model loads
+        check_overrides(overrides)
+        registry = load_registry()
+        validate_component(registry, "judge", compare, "compare")
+        return registry, compare, prompts, [open_target(p, registry, args.checkpoint, overrides) for p in paths]
+    registry, compare, prompts, runs = group.agree(prepare)
     out = Path(args.out) if args.out else None
-    if out is not None and out.is_dir():
-        raise ArenaError(f"--out {out}: is a folder; expected the path of a JSON file to write")
-    for folder, key in ([(out.parent, "--out")] if out else [(run.dir / "evals", f"RUN {run.dir}") for run in runs]):
-        problem = folder_problem(folder)  # before minutes of evaluation whose results would then be lost
-        if problem:
-            raise ArenaError(f"{key}: cannot write the results to {folder}: {problem}"
-                             + ("" if out else "; give --out FILE to write them elsewhere"))
-    results = evaluate_runs(runs, registry, compare, prompts, say=lambda line: print(line, flush=True))
+
+    def check_writable() -> None:  # process 0 writes the results
+        if out is not None and out.is_dir():
+            raise ArenaError(f"--out {out}: is a folder; expected the path of a JSON file to write")
+        for folder, key in ([(out.parent, "--out")] if out else
+                            [(run.dir / "evals", f"RUN {run.dir}") for run in runs]):
+            problem = folder_problem(folder)  # before minutes of evaluation whose results would then be lost
+            if problem:
+                raise ArenaError(f"{key}: cannot write the results to {folder}: {problem}"
+                                 + ("" if out else "; give --out FILE to write them elsewhere"))
+    group.on_main(check_writable)
+    say = (lambda line: print(line, flush=True)) if group.main else (lambda line: None)
+    results = evaluate_runs(runs, registry, compare, prompts, say=say, group=group)
+    if not group.main:
+        return 0
     header, rows = table_rows(results)
     table = Table(title=f"{results['held_out']} ({INTERVAL})")
     for col in header:

@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from arena.distributed import SOLO, Group
-from arena.runstore import read_jsonl
+from arena.runstore import RunStore, read_jsonl
 
 TESTS = Path(__file__).parent
 
@@ -195,3 +197,185 @@ def test_processes_that_drift_apart_are_stopped(tiny_model_dir, tmp_path):
 def arena_traceback(stderr: str) -> bool:
     """Whether a traceback passes through arena's code (the launcher prints its own report of a failure)."""
     return re.search(r'File "[^"]*/(arena|games|plugins)/[^"]*\.py"', stderr) is not None
+
+
+# -- crashes, resumes and a second launch --------------------------------------------------------------------------
+
+FAST = ["game.dataset=arithmetic", "judge=exact_match", "game.prompts_per_round=4", "game.group_size=2",
+        "game.max_new_tokens=4", "game.eval_size=4", "run.eval_every=1", "run.keep_checkpoints=0",
+        "run.loggers=[plain]", "model.lora.r=4", "optimizer.lr=0.05"]
+
+
+def start(args: list[str], processes: int = 2) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={processes}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def worker(launcher: int, rank: int) -> int:
+    """The pid of the launcher's worker process of `rank` (from /proc: its parent and its RANK)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:"))
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} under launcher {launcher}")
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def records(run: Path) -> tuple[list[dict], list[dict]]:
+    return list(read_jsonl(run / "samples.jsonl")), list(read_jsonl(run / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_kill_9_of_one_process_stops_all_and_a_resume_replays_exactly(tiny_model_dir, tmp_path, victim):
+    """kill -9 of either process during a run: the launcher and the other process stop within seconds, the folder
+    is unlocked, and `--resume` under the same launcher plays exactly what the uninterrupted run played, with no
+    round lost or duplicated."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = ["-m", "arena", "play", "prompts", f"model.path={tiny_model_dir}", "run.iterations=12", *FAST]
+    assert launch([*args, f"run.dir={whole}"]).returncode == 0
+    proc = start([*args, f"run.dir={cut}"])
+    wait_for(cut / "checkpoints" / "000002" / "meta.json", proc)
+    os.kill(worker(proc.pid, victim), signal.SIGKILL)
+    killed = time.time()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - killed < 60
+    RunStore(cut).lock().unlock()  # nobody holds the folder
+    resumed = launch(["-m", "arena", "play", "prompts", "--resume", str(cut)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at iteration" in resumed.stdout and "on 2 processes" in resumed.stdout
+    (want_samples, want_metrics), (got_samples, got_metrics) = records(whole), records(cut)
+    assert [m["iteration"] for m in got_metrics] == list(range(13))
+    assert [(s["iteration"], s["group"], s["completion_ids"], s["reward"]) for s in got_samples] == \
+        [(s["iteration"], s["group"], s["completion_ids"], s["reward"]) for s in want_samples]
+
+
+def test_a_run_resumes_on_another_number_of_processes(tiny_model_dir, tmp_path):
+    """Two processes, then one, then two again: each resume carries on from the last checkpoint, one record per
+    iteration, every round whole (the sampled tokens differ from what the first launch would have played)."""
+    run = tmp_path / "run"
+    base = ["play", "prompts", f"model.path={tiny_model_dir}", f"run.dir={run}", *FAST]
+    assert launch(["-m", "arena", *base, "run.iterations=2"]).returncode == 0
+    alone = subprocess.run([sys.executable, "-m", "arena", "play", "prompts", "--resume", str(run),
+                            "run.iterations=3"], capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    again = launch(["-m", "arena", "play", "prompts", "--resume", str(run), "run.iterations=4"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    samples, metrics = records(run)
+    assert [m["iteration"] for m in metrics] == [0, 1, 2, 3, 4]
+    assert [s["iteration"] for s in samples] == [i for i in range(1, 5) for _ in range(8)]
+
+
+def test_a_second_launch_on_a_running_folder_is_refused(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = start(["-m", "arena", "play", "prompts", f"model.path={tiny_model_dir}", f"run.dir={run}",
+                  "run.iterations=200", *FAST])
+    try:
+        wait_for(run / "checkpoints" / "000001" / "meta.json", proc)
+        before = (run / "samples.jsonl").stat().st_size
+        second = launch(["-m", "arena", "play", "prompts", "--resume", str(run)])
+        errors = [line for line in second.stderr.splitlines() if line.startswith("arena: error:")]
+        assert second.returncode != 0 and len(errors) == 1, second.stderr[-3000:]
+        assert "another arena process is using this run folder" in errors[0]
+        assert not arena_traceback(second.stderr)
+        assert proc.poll() is None and (run / "samples.jsonl").stat().st_size >= before  # the first run goes on
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
+        proc.communicate()
+
+
+# -- other launchers ---------------------------------------------------------------------------------------------
+
+def test_accelerate_launch_runs_two_processes(tiny_model_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` starts two processes with gloo where there is no GPU."""
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "arena", "play", "prompts", f"model.path={tiny_model_dir}", f"run.dir={run}",
+                          "run.iterations=2", *FAST], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "on 2 processes" in out.stdout
+    assert [m["iteration"] for m in records(run)[1]] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2"}, "DeepSpeed"),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "mpirun"),
+    ({"ACCELERATE_USE_CPU": "true", "MASTER_ADDR": "127.0.0.1"}, "starts only one"),
+])
+def test_launches_arena_cannot_serve_are_one_line(env, words):
+    from arena.distributed import check_launch
+    from arena.errors import ArenaError
+
+    with pytest.raises(ArenaError, match=words):
+        check_launch(env)
+    check_launch({"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "false", "MASTER_ADDR": "127.0.0.1"})  # a good launch
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_launchers_on_one_address_are_two_machines_of_one_run(tiny_model_dir, tmp_path):
+    """`torchrun --nnodes 2 --node_rank R --master_addr ... --master_port ...` twice, as two machines would start
+    it: one run, written by the first machine's process. On the resume the second machine is given a folder that
+    does not exist there: it needs none, the first sends it the config and the checkpoint."""
+    run, port = tmp_path / "run", free_port()
+
+    def machine(rank: int, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                                 "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                 "-m", "arena", "play", "prompts", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    elsewhere = tmp_path / "not-on-this-machine"
+    for args, other in (([f"model.path={tiny_model_dir}", f"run.dir={run}", "run.iterations=2", *FAST], None),
+                        (["--resume", str(run), "run.iterations=3"], ["--resume", str(elsewhere), "run.iterations=3"])):
+        first, second = machine(0, *args), machine(1, *(other or args))
+        for proc in (first, second):
+            proc.communicate(timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        port = free_port()
+    samples, metrics = records(run)
+    assert [m["iteration"] for m in metrics] == [0, 1, 2, 3]
+    assert [s["iteration"] for s in samples] == [i for i in (1, 2, 3) for _ in range(8)]
+    assert not elsewhere.exists()
+
+
+def test_arena_eval_under_a_launcher_scores_as_one_process(tiny_model_dir, tmp_path):
+    """The held-out evaluation split across two processes gives one process's greedy answers and scores; process
+    0 alone prints the table and writes the results."""
+    run = tmp_path / "run"
+    assert launch(["-m", "arena", "play", "prompts", f"model.path={tiny_model_dir}", f"run.dir={run}",
+                   "run.iterations=2", *FAST, "game.eval_size=6"]).returncode == 0
+    alone = subprocess.run([sys.executable, "-m", "arena", "eval", str(run), "--out", str(tmp_path / "one.json")],
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    both = launch(["-m", "arena", "eval", str(run), "--out", str(tmp_path / "two.json")])
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert both.stdout.count("wrote ") == 1 and both.stdout.count("base: evaluated") == 1, both.stdout
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["answers"] == two["answers"] and len(one["answers"]) == 6
+    for label in one["models"]:
+        assert one["models"][label]["metrics"] == two["models"][label]["metrics"]
