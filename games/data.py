@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import os
 import random
 import warnings
 from collections.abc import Iterator
@@ -86,7 +87,7 @@ def sharegpt_pairs() -> list[dict[str, str]]:
     if not records:  # never cache an empty set: a repaired install would go on reading it
         raise ArenaError(broken.format("no conversation opens with a human turn and an answer"))
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
+    tmp = cached.with_suffix(f".tmp-{os.getpid()}")  # processes of one run may write it at once: each its own
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     tmp.replace(cached)
     return records

@@ -172,3 +172,25 @@ def test_learning_benchmark_end_to_end(tmp_path):
         assert s["peak_rss"] > 0 and s["series"][1]["seconds"] > 0
     if side == "both":  # the same held-out questions, prompt and greedy decoding before training
         assert results["sides"]["arena"]["series"][0]["accuracy"] == results["sides"]["trl"]["series"][0]["accuracy"]
+
+
+# -- benchmarks/round_throughput.py ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def throughput():
+    spec = importlib.util.spec_from_file_location("benchmarks_throughput", ROOT / "benchmarks" / "round_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_layouts_and_the_median_round(throughput):
+    assert throughput.layout("2x1") == (2, 1) and throughput.layout("1X2") == (1, 2)
+    with pytest.raises(argparse.ArgumentTypeError):
+        throughput.layout("0x2")
+    records = [{"iteration": 1, "time/iteration": 30.0, "time/generate": 20.0},  # warm-up, left out
+               {"iteration": 2, "time/iteration": 8.0, "time/generate": 4.0, "time/optimize": 3.0},
+               {"iteration": 3, "time/iteration": 12.0, "time/generate": 6.0, "time/optimize": 5.0}]
+    got = throughput.summarise(records, samples=32)
+    assert got["seconds"] == 10.0 and got["samples_per_second"] == 3.2
+    assert got["generate"] == 5.0 and got["optimize"] == 4.0 and got["judge"] == 0.0
