@@ -90,7 +90,7 @@ def cmd_play(args: argparse.Namespace) -> int:
     finished = False
     try:
         code = _play(args, group)
-        finished = True
+        finished = code == 0  # an interrupted process does not wait for the others
         return code
     finally:
         group.close(finished)

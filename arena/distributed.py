@@ -75,6 +75,9 @@ class Group:
     def check_same(self, what: str, digest: str) -> None:
         """Raise unless every process has the same `digest` of `what`."""
 
+    def check_device(self, device: str) -> None:
+        """Refuse a `model.device` that would put every process of a run on one GPU."""
+
     @contextlib.contextmanager
     def local(self) -> Iterator[None]:
         """Within: sharded components run on this process's items only (a share being worked on, a training
@@ -218,6 +221,11 @@ class Processes(Group):
             n = p.numel()
             p.grad = flat[offset:offset + n].view_as(p).clone()
             offset += n
+
+    def check_device(self, device: str) -> None:
+        if device.startswith("cuda:"):
+            raise _from(0, ArenaError(f"model.device: {device} would put all {self.size} processes on one GPU; write "
+                                      "model.device=cuda (or auto): each process then uses its own GPU, LOCAL_RANK"))
 
     def check_same(self, what: str, digest: str) -> None:
         digests = self._all_objects(digest, f"the check of {what}")

@@ -262,6 +262,8 @@ def evaluate_runs(runs: list[Any], registry: Any, compare: dict[str, Any], promp
         twice = next(label for label in labels if labels.count(label) > 1)
         raise ArenaError(f"RUN {twice}: named twice; give each checkpoint once")
     env = Env(config=config, registry=registry, group=group)
+    if group is not None:
+        group.check_device(config.model.device)
     seed_everything(config.run.seed, 0)
     policy = env.policy = registry.build("backend", config.backend, env)
     judge = registry.build("judge", config.judge, env)

@@ -87,6 +87,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
     import torch
 
     cfg = resolved.config
+    group.check_device(cfg.model.device)
     root = group.on_main(lambda: str(resume if resume else (cfg.run.dir or default_run_dir(cfg.game.name))))
     store = RunStore(root, writer=group.main)
 

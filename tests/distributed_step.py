@@ -16,7 +16,7 @@ from arena.distributed import join  # noqa: E402
 from arena.registry import load_registry  # noqa: E402
 from arena.types import Role  # noqa: E402
 from test_grpo import make_samples  # noqa: E402
-from tiny import gradients, make_backend, make_env  # noqa: E402
+from tiny import applied_gradient, make_backend, make_env  # noqa: E402
 
 # (role, group, reward, completion length): several groups and micro-batches, so that each process gets a share
 REWARDS = [("a", "q1", 1.0, 3), ("a", "q1", 0.0, 6), ("a", "q1", 0.5, 4), ("a", "q2", 2.0, 5), ("a", "q2", 0.0, 2),
@@ -47,17 +47,9 @@ def main(model: str, name: str, out: str) -> None:
     env.policy, env.group = policy, group
     roles = {"a": Role("a"), "b": Role("b")}
     optimizer = load_registry().build("optimizer", OPTIMIZERS[name], env)
-    applied = {}
-    original = optimizer.torch_optimizer.step
-
-    def spy(*args, **kwargs):
-        applied["grads"] = gradients(optimizer.params)
-        return original(*args, **kwargs)
-
-    optimizer.torch_optimizer.step = spy
     samples = samples_for(policy, name)
-    metrics = optimizer.step(samples, roles)
-    torch.save({"grads": applied["grads"], "weights": [p.detach().clone() for p in optimizer.params],
+    grads, metrics = applied_gradient(optimizer, samples, roles, undo=False)
+    torch.save({"grads": grads, "weights": [p.detach().clone() for p in optimizer.params],
                 "metrics": metrics, "trained": [s.trained for s in samples], "size": group.size},
                Path(out) / f"rank{group.rank}.pt")
     group.close()

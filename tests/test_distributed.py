@@ -379,3 +379,66 @@ def test_arena_eval_under_a_launcher_scores_as_one_process(tiny_model_dir, tmp_p
     assert one["answers"] == two["answers"] and len(one["answers"]) == 6
     for label in one["models"]:
         assert one["models"][label]["metrics"] == two["models"][label]["metrics"]
+
+
+# -- third-party plugins and bad input under a launcher ------------------------------------------------------------
+
+def test_a_plugin_game_with_a_frozen_opponent_plays_unchanged_on_two_processes(tiny_model_dir, tmp_path):
+    """The plugin guide's `rival` game, as a user saves it, written against the interfaces with no thought of
+    processes: every process freezes the same adapter and plays the same rounds, and the resume restores it."""
+    from test_registry import guide_files
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "rival.py").write_text(guide_files()["rival.py"])
+    run, env = tmp_path / "run", {"ARENA_PLUGINS_DIR": str(plugins)}
+    args = ["-m", "arena", "play", "rival", f"model.path={tiny_model_dir}", f"run.dir={run}", "run.loggers=[plain]",
+            "model.lora.r=4", "game.max_new_tokens=4", "game.refresh_every=1", "run.eval_every=0"]
+    first = launch([*args, "run.iterations=2"], env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = launch(["-m", "arena", "play", "rival", "--resume", str(run), "run.iterations=3"], env=env)
+    assert again.returncode == 0 and "on 2 processes" in again.stdout, again.stderr[-3000:]
+    samples = list(read_jsonl(run / "samples.jsonl"))
+    assert [s["iteration"] for s in samples if s["role"] == "rival"] == [i for i in (1, 2, 3) for _ in range(4)]
+    assert (run / "checkpoints" / "000003" / "adapter" / "frozen" / "rival.safetensors").is_file()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optimizer.lr=-1", "optimizer.lr"),
+    ("game.dataset=/nonexistent/prompts.jsonl", "game.dataset: /nonexistent/prompts.jsonl: no such file"),
+])
+def test_a_config_or_data_error_is_one_line_and_every_process_exits_2(tiny_model_dir, tmp_path, override, words):
+    """Every process finds the error when the config resolves; process 0 alone prints it, and no folder is made."""
+    run = tmp_path / "run"
+    out = launch(["-m", "arena", "play", "prompts", f"model.path={tiny_model_dir}", f"run.dir={run}", *FAST,
+                  override])
+    errors = [line for line in out.stderr.splitlines() if line.startswith("arena: error:")]
+    assert len(errors) == 1 and words in errors[0], out.stderr[-3000:]
+    # the launcher reports the first process to exit (2) and stops any other still running
+    assert out.returncode != 0 and "exitcode  : 2" in out.stderr
+    assert not arena_traceback(out.stderr) and not run.exists()
+
+
+def test_a_device_index_under_a_launcher_is_refused(tiny_model_dir, tmp_path):
+    """model.device=cuda:0 would put every process on one GPU: refused before any model loads (checked before the
+    device is looked for, so on a machine without a GPU too)."""
+    out = launch(["-m", "arena", "play", "prompts", f"model.path={tiny_model_dir}", f"run.dir={tmp_path / 'run'}",
+                  *FAST, "model.device=cuda:0"])
+    errors = [line for line in out.stderr.splitlines() if line.startswith("arena: error:")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    assert "model.device: cuda:0 would put all 2 processes on one GPU" in errors[0]
+
+
+@pytest.mark.parametrize("judge", ["llm_judge", "pairwise", "reward_model",
+                                   "{name: mix, judges: [{name: self_reward, weight: 1.0}, "
+                                   "{name: exact_match, weight: 0.5}]}"])
+def test_every_judge_scores_a_split_round(tiny_model_dir, reward_model_dir, tmp_path, judge):
+    """The judges the built-in games do not use by default, each judging a round split across two processes (the
+    reward model loads its own model on each)."""
+    more = [f"judge.path={reward_model_dir}"] if judge == "reward_model" else []
+    run = tmp_path / "run"
+    out = launch(["-m", "arena", "play", "prompts", f"model.path={tiny_model_dir}", f"run.dir={run}",
+                  "run.iterations=1", *FAST, f"judge={judge}", *more])
+    assert out.returncode == 0, out.stderr[-3000:]
+    samples = list(read_jsonl(run / "samples.jsonl"))
+    assert len(samples) == 8 and all(isinstance(s["reward"], float) for s in samples), samples[0]

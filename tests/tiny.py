@@ -40,9 +40,9 @@ def assert_same_grads(got, want, tol=1e-4):
     assert error < tol, f"gradients differ: |got - want| / |want| = {error:.2e}"
 
 
-def applied_gradient(opt, samples, roles):
+def applied_gradient(opt, samples, roles, undo: bool = True):
     """Run `opt.step` and return (the gradient it applied, captured just before AdamW's step, and its metrics),
-    then undo the update so that every call starts from the same weights."""
+    then (`undo`) undo the update so that every call starts from the same weights."""
     captured = {}
     original = opt.torch_optimizer.step
 
@@ -53,9 +53,10 @@ def applied_gradient(opt, samples, roles):
     opt.torch_optimizer.step = spy
     snapshot = [p.detach().clone() for p in opt.params]
     metrics = opt.step(samples, roles)
-    with torch.no_grad():
-        for p, saved in zip(opt.params, snapshot):
-            p.copy_(saved)
+    if undo:
+        with torch.no_grad():
+            for p, saved in zip(opt.params, snapshot):
+                p.copy_(saved)
     return captured.get("grads"), metrics
 
 
