@@ -182,6 +182,18 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        # a launched process leaves now: its work is done and written, and the interpreter's teardown can abort
+        # in gloo's threads now and then ("terminate called without an active exception"), which the launcher
+        # would report as a failure of a run that finished
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _quiet_libraries()
     warnings.showwarning = _show_warning
@@ -200,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except ArenaError as exc:
         origin = getattr(exc, "arena_process", None)  # an error every process of a launched run raised
-        if origin is None or PROCESS == 0:  # ... is reported once, by process 0
+        if PROCESS == 0:  # ... is reported once, by process 0; another's own error by it, named
             print(f"arena: error: {f'process {origin}: ' if origin else ''}{exc}", file=sys.stderr)
+        elif origin is None:
+            print(f"arena: error: process {PROCESS}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:  # a full disk, a read-only folder, a path under /proc: one line naming the file
         if exc.strerror is None:
@@ -209,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"arena: error: {where}{exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:  # a bug: its traceback, once, from process 0 when every process raised it
+        if PROCESS != 0 and getattr(exc, "arena_process", None) is not None:
+            return EXIT_USAGE
+        raise
 
 
 if __name__ == "__main__":

@@ -57,6 +57,15 @@ class Group:
         """`fn` of every item, in order: each process runs `fn` on its share and the results are gathered."""
         return fn(list(items))
 
+    @property
+    def splitting(self) -> bool:
+        """Whether a sharded component's call is split now (not within `local`)."""
+        return False
+
+    def smallest(self, value: int) -> int:
+        """The smallest of every process's `value`: a setting each derives from its own device, made one."""
+        return value
+
     def agree(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on every process; an error on any of them is raised on all of them."""
         return fn()
@@ -137,12 +146,11 @@ class Processes(Group):
             timeout = -1.0
         if not timeout > 0:
             raise ArenaError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
-        cuda = torch.cuda.is_available() and not device.startswith("cpu")
+        cuda = torch.cuda.is_available()
         if cuda:  # one device per process: "cuda" below means this process's own
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        self.device = "cuda" if cuda else "cpu"
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
+        if not dist.is_initialized():  # CPU tensors go over gloo, GPU tensors over NCCL (a CPU model on a GPU host)
+            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
         self.dist = dist
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self._local = 0
@@ -154,8 +162,7 @@ class Processes(Group):
             return fn()
         except RuntimeError as exc:  # gloo and NCCL report a peer's death as RuntimeError (DistBackendError)
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise PeerStopped(f"process {self.rank}: another process of this run stopped during {what} "
-                              f"({first})") from None
+            raise PeerStopped(f"another process of this run stopped during {what} ({first})") from None
 
     def _all_objects(self, value: Any, what: str) -> list[Any]:
         out: list[Any] = [None] * self.size
@@ -173,6 +180,13 @@ class Processes(Group):
         for ok, value in outcomes:
             if not ok:
                 raise value
+
+    @property
+    def splitting(self) -> bool:
+        return self._local == 0
+
+    def smallest(self, value: int) -> int:
+        return min(self._all_objects(value, "a shared setting"))
 
     def gather(self, fn: Callable[[list[Any]], list[Any]], items: Sequence[Any]) -> list[Any]:
         if self._local:
@@ -205,7 +219,7 @@ class Processes(Group):
 
         if not values:
             return []
-        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        t = torch.tensor(list(values), dtype=torch.float64)
         self._collective("a metric sum", lambda: self.dist.all_reduce(t))
         return t.tolist()
 
@@ -214,12 +228,14 @@ class Processes(Group):
 
         if not params:
             return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        has = torch.tensor([p.grad is not None for p in params], dtype=params[0].dtype, device=params[0].device)
+        flat = torch.cat([*((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params),
+                          has])
         self._collective("the gradient sum", lambda: self.dist.all_reduce(flat))
         offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
+        for p, anyone in zip(params, flat[-len(params):].tolist()):
+            n = p.numel()  # a parameter no process has a gradient for stays without one, as AdamW expects
+            p.grad = flat[offset:offset + n].view_as(p).clone() if anyone else None
             offset += n
 
     def check_device(self, device: str) -> None:
@@ -269,6 +285,15 @@ def _from(rank: int, exc: Exception) -> Exception:
     return exc
 
 
+def everywhere(exc: Exception, cause: BaseException | None = None) -> Exception:
+    """`exc`, marked as raised by every process: as `cause` was (an error re-raised with more words), or, with no
+    cause, because every process computed it from the same values (a step's non-finite gradient)."""
+    origin = getattr(cause, "arena_process", None) if cause is not None else 0
+    if origin is not None:
+        exc.arena_process = origin  # type: ignore[attr-defined]
+    return exc
+
+
 def digest(*parts: Any) -> str:
     """A short fingerprint of JSON-able values and tensors, for `check_same`."""
     import json
@@ -303,6 +328,10 @@ class _Sharded:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # what a game asks of a component's class (isinstance, __class__) is the component's
+        return type(self.inner)
+
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.inner, name, value)
 
@@ -312,24 +341,34 @@ class ShardedPolicy(_Sharded):
     ranges, so that one prompt with many samples (a Challenger's queries) is shared out too."""
 
     def generate(self, prompts: Sequence[Any], *, n: int = 1, **kwargs: Any) -> list[list[Any]]:
+        if not self.group.splitting:
+            return self.inner.generate(prompts, n=n, **kwargs)
         slots = [i for i in range(len(prompts)) for _ in range(n)]
+        before = self.inner.generated_tokens
         flat = self.group.gather(
             lambda mine: [g for (g,) in self.inner.generate([prompts[i] for i in mine], n=1, **kwargs)], slots)
+        mine = self.inner.generated_tokens - before  # the progress line counts every process's tokens
+        self.inner.generated_tokens += sum(len(g.completion_ids) for g in flat) - mine
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def next_token_logprobs(self, prompts: Sequence[list[int]], candidates: Sequence[int], **kwargs: Any) -> Any:
         import torch
 
-        rows = self.group.gather(lambda mine: list(self.inner.next_token_logprobs(mine, candidates, **kwargs).cpu()),
+        if not self.group.splitting:
+            return self.inner.next_token_logprobs(prompts, candidates, **kwargs)
+        rows = self.group.gather(lambda mine: [(row.cpu(), str(row.device)) for row in
+                                               self.inner.next_token_logprobs(mine, candidates, **kwargs)],
                                  list(prompts))
-        return _on_device(torch.stack(rows) if rows else torch.zeros(0, len(candidates)), self.inner)
+        if not rows:
+            return self.inner.next_token_logprobs([], candidates, **kwargs)
+        return torch.stack([row for row, _ in rows]).to(rows[0][1])  # where the backend returns it
 
     def sequence_logprobs(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
                           **kwargs: Any) -> Any:
         import torch
 
-        if torch.is_grad_enabled() and not kwargs.get("reference"):  # a training forward: never split
-            return self.inner.sequence_logprobs(prompt_ids, completion_ids, **kwargs)
+        if not self.group.splitting or (torch.is_grad_enabled() and not kwargs.get("reference")):
+            return self.inner.sequence_logprobs(prompt_ids, completion_ids, **kwargs)  # never split: training
 
         def score(mine: list[tuple[list[int], list[int]]]) -> list[Any]:
             out = self.inner.sequence_logprobs([p for p, _ in mine], [c for _, c in mine], **kwargs).cpu()

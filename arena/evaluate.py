@@ -261,15 +261,21 @@ def evaluate_runs(runs: list[Any], registry: Any, compare: dict[str, Any], promp
     if len(set(labels)) < len(labels):
         twice = next(label for label in labels if labels.count(label) > 1)
         raise ArenaError(f"RUN {twice}: named twice; give each checkpoint once")
+    from arena.distributed import SOLO
+
+    group = group or SOLO
     env = Env(config=config, registry=registry, group=group)
-    if group is not None:
-        group.check_device(config.model.device)
-    seed_everything(config.run.seed, 0)
-    policy = env.policy = registry.build("backend", config.backend, env)
-    judge = registry.build("judge", config.judge, env)
-    comparer = registry.build("judge", compare, env, "compare")
-    game = registry.build("game", config.game, env)
-    game.load_state_dict(first.game_state)
+    group.check_device(config.model.device)
+
+    def build() -> tuple[Any, Any, Any, Any]:  # on every process; a failure on any of them stops all
+        seed_everything(config.run.seed, 0)
+        policy = env.policy = registry.build("backend", config.backend, env)
+        judge = registry.build("judge", config.judge, env)
+        comparer = registry.build("judge", compare, env, "compare")
+        game = registry.build("game", config.game, env)
+        game.load_state_dict(first.game_state)
+        return policy, judge, comparer, game
+    policy, judge, comparer, game = group.agree(build)
     held_out = prompts or game
 
     models: dict[str, dict[str, Any]] = {}
@@ -284,7 +290,7 @@ def evaluate_runs(runs: list[Any], registry: Any, compare: dict[str, Any], promp
         view = ModelView(policy, base=run is None)
         # the base is the model before training: iteration 0, as the run's own first evaluation
         ctx = RoundContext(iteration=0 if run is None else run.iteration, policy=view, judge=judge,
-                           rng=seed_everything(config.run.seed, 0, group.rank if group else 0), env=env)
+                           rng=seed_everything(config.run.seed, 0, group.rank), env=env)
         t0 = time.perf_counter()
         items = held_out.evaluate_items(ctx)
         answers[label] = held_out.held_out_answers(ctx)

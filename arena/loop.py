@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from arena.config import Resolved, check_resume_changes
-from arena.distributed import SOLO, Group, digest
+from arena.distributed import SOLO, Group, digest, everywhere
 from arena.errors import ArenaError, ConfigError
 from arena.interfaces import Env, RoundContext
 from arena.registry import Registry
@@ -107,8 +107,9 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
     run = Run(config=cfg, dir=store.root, iterations=cfg.run.iterations, processes=group.size)
     env.run = run
     registry.calls_hooks = group.main  # loggers and plugins observe the run once, on process 0
-    names = cfg.run.loggers if group.main else []
-    loggers = [registry.build("logger", name, env, f"run.loggers.{i}") for i, name in enumerate(names)]
+    names = cfg.run.loggers if group.main else []  # a missing logger package stops every process, said once
+    loggers = group.agree(lambda: [registry.build("logger", name, env, f"run.loggers.{i}")
+                                   for i, name in enumerate(names)])
     for i, logger in enumerate(loggers):
         registry.pm.register(logger, name=f"logger:{i}:{names[i]}")
     hook = registry.hooks
@@ -168,7 +169,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
                     train = optimizer.step(samples, game.roles)
                 except ArenaError as exc:
                     store.append_samples(it, samples)  # kept for diagnosis; a resume replays this round
-                    raise ArenaError(f"iteration {it}: {exc}") from None
+                    raise everywhere(ArenaError(f"iteration {it}: {exc}"), exc) from None
             store.append_samples(it, samples)  # after the step: each record carries the advantage it was trained with
             if group.size > 1:  # every process must hold what process 0 holds (and checkpoints)
                 group.check_same(f"the game state and weights after iteration {it}",

@@ -70,7 +70,7 @@ class LSPOptions:
 def same_judge(judge: Judge, chosen: Any, registry: Any) -> bool:
     """Whether a built judge is the run's judge (`env.config.judge`, a resolved Component): the same registered
     class with the same options."""
-    return registry.get("judge", chosen.name).obj is type(judge) and judge.options == chosen.options
+    return registry.get("judge", chosen.name).obj is judge.__class__ and judge.options == chosen.options
 
 
 # -- the rules, as plain arithmetic ---------------------------------------------------------------------------

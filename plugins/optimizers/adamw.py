@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from arena.distributed import SOLO
+from arena.distributed import SOLO, everywhere
 from arena.errors import ArenaError, ConfigError
 from arena.interfaces import Env, Optimizer
 from arena.runstore import all_finite
@@ -37,9 +37,18 @@ class AdamWOptimizer(Optimizer):
         super().__init__(options, env)
         self.group = env.group or SOLO
         self.policy = env.policy
+        self._micro_batch: int | None = None
         self.params = self.policy.trainable_parameters()
         self.torch_optimizer = torch.optim.AdamW(self.params, lr=options.lr, betas=tuple(options.adam_betas),
                                                  weight_decay=options.weight_decay)
+
+    def micro_batch(self) -> int:
+        """Sequences per training micro-batch: `micro_batch_size`, else the backend's suggestion for its device; in a
+        run of several processes the smallest of theirs, so that every process plans the same micro-batches."""
+        if self._micro_batch is None:
+            size = getattr(self.options, "micro_batch_size", None) or self.policy.suggested_micro_batch()
+            self._micro_batch = self.group.smallest(size)
+        return self._micro_batch
 
     def update(self, epoch: int = 0) -> float:
         """Clip the accumulated gradient (max_grad_norm 0: measure only) and step; returns the norm before
@@ -48,11 +57,12 @@ class AdamWOptimizer(Optimizer):
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm or math.inf))
         if not math.isfinite(grad_norm):
             self.torch_optimizer.zero_grad(set_to_none=True)
-            raise ArenaError(f"the gradient norm is {grad_norm}{unchanged(epoch)}")
+            raise everywhere(ArenaError(f"the gradient norm is {grad_norm}{unchanged(epoch)}"))
         self.torch_optimizer.step()
         if not all_finite(self.params):  # e.g. an lr so high the step overflows: stop before a checkpoint has it
-            raise ArenaError(f"the update made the weights NaN or infinite (optimizer.lr {self.options.lr} too "
-                             "high?); nothing of it was saved: the last checkpoint holds the weights before it")
+            raise everywhere(ArenaError(f"the update made the weights NaN or infinite (optimizer.lr {self.options.lr} "
+                                        "too high?); nothing of it was saved: the last checkpoint holds the weights "
+                                        "before it"))
         return grad_norm
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from arena.config import option
+from arena.distributed import everywhere
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
-from arena.interfaces import Env
 from arena.plugins.optimizers.adamw import AdamWOptimizer, check_adam_betas, unchanged
 from arena.types import Role, Sample
 
@@ -136,10 +136,6 @@ class DPO(AdamWOptimizer):
     Options = DPOOptions
     consumes = "pairs"
 
-    def __init__(self, options: DPOOptions, env: Env):
-        super().__init__(options, env)
-        self.micro_batch_size = options.micro_batch_size or self.policy.suggested_micro_batch()
-
     def _weight(self, role: str) -> float:
         return (self.options.roles.get(role) or RoleWeight()).weight
 
@@ -171,18 +167,19 @@ class DPO(AdamWOptimizer):
         by_ref: dict[bool | str, list[Pair]] = {}
         for p in pairs:  # one reference per micro-batch
             by_ref.setdefault(self._reference(p), []).append(p)
-        per_batch = max(1, self.micro_batch_size // 2)
+        per_batch = max(1, self.micro_batch() // 2)
         planned = []
         for ref, group in by_ref.items():
             group.sort(key=lambda p: (len(p.chosen.prompt_ids), p.chosen.prompt_ids))  # shared prompts
             planned += [(ref, group[i:i + per_batch]) for i in range(0, len(group), per_batch)]
         owned = self.group.mine(len(planned))
-        batches = []
-        with torch.no_grad():
-            for k, (ref, mb) in enumerate(planned):
-                batches.append((mb, [self._weight(p.role) / count[p.role] for p in mb],
-                                self._logprobs(mb, ref).detach() if k in owned else None))
-        return Prepared(pairs, invalid, batches, owned)
+
+        def reference_pass() -> list[Any]:
+            with torch.no_grad():
+                return [(mb, [self._weight(p.role) / count[p.role] for p in mb],
+                         self._logprobs(mb, ref).detach() if k in owned else None)
+                        for k, (ref, mb) in enumerate(planned)]
+        return Prepared(pairs, invalid, self.group.agree(reference_pass), owned)  # a failure on one stops all
 
     def accumulate(self, samples: Sequence[Sample], roles: dict[str, Role], scale: float = 1.0) -> dict[str, float]:
         """Add `scale` x the gradient of one pass of this round's loss to the trainable parameters' .grad, neither
@@ -192,7 +189,7 @@ class DPO(AdamWOptimizer):
         try:
             sums = self.group.agree(lambda: self._accumulate(prepared, scale))
         except NonFiniteLoss as exc:
-            raise ArenaError(f"{exc}{unchanged(0)}") from None
+            raise everywhere(ArenaError(f"{exc}{unchanged(0)}"), exc) from None
         for p in prepared.pairs:
             p.chosen.trained = p.rejected.trained = True
         return self._metrics(prepared, sums)
@@ -248,7 +245,7 @@ class DPO(AdamWOptimizer):
                 metrics = self._metrics(prepared, self.group.agree(lambda: self._accumulate(prepared)))
             except NonFiniteLoss as exc:
                 self.torch_optimizer.zero_grad(set_to_none=True)
-                raise ArenaError(f"{exc}{unchanged(epoch)}") from None
+                raise everywhere(ArenaError(f"{exc}{unchanged(epoch)}"), exc) from None
             first = first or metrics
             losses.append(metrics["loss"])
             grad_norm = self.update(epoch)

@@ -18,7 +18,6 @@ import torch
 from arena.config import option
 from arena.errors import ArenaError
 from arena.hookspecs import hookimpl
-from arena.interfaces import Env
 from arena.plugins.optimizers.adamw import AdamWOptimizer, check_adam_betas, unchanged
 from arena.types import Role, Sample
 
@@ -148,10 +147,6 @@ class GRPO(AdamWOptimizer):
     Options = GRPOOptions
     consumes = "rewards"
 
-    def __init__(self, options: GRPOOptions, env: Env):
-        super().__init__(options, env)
-        self.micro_batch_size = options.micro_batch_size or self.policy.suggested_micro_batch()
-
     def _objective(self, role: str) -> tuple[float, float]:
         obj = self.options.roles.get(role) or RoleObjective()
         return obj.weight, self.options.beta if obj.beta is None else obj.beta
@@ -212,15 +207,20 @@ class GRPO(AdamWOptimizer):
         for (role, temperature), group in by_key.items():
             # one prompt's samples stay in one micro-batch, so the backend runs that prompt once for all of them
             group.sort(key=lambda s: (len(s.prompt_ids), s.prompt_ids))
-            for i in range(0, len(group), self.micro_batch_size):
-                plan.micro.append((role, temperature, group[i:i + self.micro_batch_size]))
+            size = self.micro_batch()
+            for i in range(0, len(group), size):
+                plan.micro.append((role, temperature, group[i:i + size]))
         plan.owned = self.group.mine(len(plan.micro))
         plan.refs = [None] * len(plan.micro)
-        for k in plan.owned:
-            role, temperature, mb = plan.micro[k]
-            if self._objective(role)[1]:
-                plan.refs[k] = self.policy.sequence_logprobs([s.prompt_ids for s in mb], [s.completion_ids for s in mb],
-                                                             temperature=temperature, reference=True)
+
+        def reference_pass() -> None:
+            for k in plan.owned:
+                role, temperature, mb = plan.micro[k]
+                if self._objective(role)[1]:
+                    plan.refs[k] = self.policy.sequence_logprobs([s.prompt_ids for s in mb],
+                                                                 [s.completion_ids for s in mb],
+                                                                 temperature=temperature, reference=True)
+        self.group.agree(reference_pass)  # a failure on one process (out of memory) stops all of them
         return plan
 
     def _backward(self, plan: "_Round", epoch: int, scale: float = 1.0) -> None:
