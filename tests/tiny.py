@@ -17,6 +17,25 @@ from arena.registry import load_registry
 from arena.types import Generation
 
 
+def save_tiny_llama(path: Path, hidden_size: int, max_positions: int = 2048) -> Path:
+    """A 2-layer random Llama of two heads (one for keys and values) with the embedded model's tokenizer and chat
+    template, saved in `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from arena.plugins.backends.hf.models import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(None))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=max_positions, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def make_env(model_dir, **lora) -> Env:
     """float32 for exact comparisons (bf16 has its own tests); LoRA r 4 unless `lora` says otherwise."""
     registry = load_registry()

@@ -255,10 +255,7 @@ class HFBackend(Backend):
                  temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
                  reference: bool | str = False, stop: Sequence[str] = ()) -> list[list[Generation]]:
         """temperature 0 is greedy decoding (its log-probs recorded at T=1)."""
-        if temperature < 0:
-            raise ValueError(f"temperature {temperature}: expected >= 0 (0: greedy)")
-        greedy = greedy or temperature == 0
-        encoded = [p if (p and isinstance(p[0], int)) or not p else self.encode_chat(p) for p in prompts]
+        encoded, greedy = self._generation_inputs(prompts, temperature, greedy)
         flat = [ids for ids in encoded for _ in range(n)]
         if not flat:
             return [[] for _ in encoded]
@@ -274,6 +271,25 @@ class HFBackend(Backend):
                                                           temperature, top_p, greedy, reference, stops)):
                 results[k] = gen
         return [results[i * n:(i + 1) * n] for i in range(len(encoded))]
+
+    def _generation_inputs(self, prompts: Sequence[Messages | list[int]], temperature: float,
+                           greedy: bool) -> tuple[list[list[int]], bool]:
+        """The prompts as token ids, and whether to decode greedily (temperature 0 is greedy)."""
+        if temperature < 0:
+            raise ValueError(f"temperature {temperature}: expected >= 0 (0: greedy)")
+        encoded = [p if (p and isinstance(p[0], int)) or not p else self.encode_chat(p) for p in prompts]
+        return encoded, greedy or temperature == 0
+
+    def _generation(self, prompt: list[int], tokens: list[int], logprobs: list[float],
+                    stops: Stops | None) -> Generation:
+        """A sampled row as a Generation: cut after its end token or its stop token (kept: the model learns to
+        stop), truncated if it has neither."""
+        end = self._end(tokens, stops)
+        length = len(tokens) if end is None else end + 1
+        completion = tokens[:length]
+        self.generated_tokens += length
+        return Generation(prompt_ids=list(prompt), completion_ids=completion, logprobs=logprobs[:length],
+                          text=self.decode(completion), truncated=end is None)
 
     def _stop_tokens(self, stop: tuple[str, ...]) -> Stops | None:
         """The tokens whose text holds one of the stop strings and the blank ones (only whitespace), before which a
@@ -342,16 +358,8 @@ class HFBackend(Backend):
                                     use_cache=True, **self._cache(cache)).logits[:, -1]
                 position = position + 1
         new, new_logprobs = tokens[:, :steps].tolist(), logprobs[:, :steps].tolist()  # one copy each
-        gens = []
-        for prompt, row_tokens, row_logprobs in zip(prompts, new, new_logprobs):
-            end = self._end(row_tokens, stops)
-            length = len(row_tokens) if end is None else end + 1  # keep the end token: the model learns to stop
-            completion = row_tokens[:length]
-            gens.append(Generation(prompt_ids=list(prompt), completion_ids=completion,
-                                   logprobs=row_logprobs[:length], text=self.decode(completion),
-                                   truncated=end is None))
-            self.generated_tokens += length
-        return gens
+        return [self._generation(prompt, row_tokens, row_logprobs, stops)
+                for prompt, row_tokens, row_logprobs in zip(prompts, new, new_logprobs)]
 
     def _end(self, tokens: list[int], stops: Stops | None) -> int | None:
         """Where a row's completion ends: its first end token, or its first stop token once it has begun (the
