@@ -194,3 +194,23 @@ def test_throughput_layouts_and_the_median_round(throughput):
     got = throughput.summarise(records, samples=32)
     assert got["seconds"] == 10.0 and got["samples_per_second"] == 3.2
     assert got["generate"] == 5.0 and got["optimize"] == 4.0 and got["judge"] == 0.0
+
+
+def test_generation_throughput_counts_new_tokens_of_the_best_call():
+    spec = importlib.util.spec_from_file_location("benchmarks_generation", ROOT / "benchmarks" / "generation_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Gen:
+        def __init__(self, n):
+            self.completion_ids = [0] * n
+
+    calls = []
+
+    def generate(prompts, n, max_new_tokens, temperature):
+        calls.append((len(prompts), n, max_new_tokens, temperature))
+        return [[Gen(3), Gen(5)] for _ in prompts]
+
+    args = argparse.Namespace(samples=2, tokens=8, repeat=2)
+    speed, tokens = module.tokens_per_second(generate, ["a", "b"], args)
+    assert tokens == 16 and speed > 0 and calls == [(2, 2, 8, 1.0)] * 3  # a warm-up, then the repeats
