@@ -182,8 +182,10 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from arena.distributed import launched
+
     code = _main(argv)
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if launched():
         # a launched process leaves now: its work is done and written, and the interpreter's teardown can abort
         # in gloo's threads now and then ("terminate called without an active exception"), which the launcher
         # would report as a failure of a run that finished

@@ -446,3 +446,26 @@ def test_every_judge_scores_a_split_round(tiny_model_dir, reward_model_dir, tmp_
     assert out.returncode == 0, out.stderr[-3000:]
     samples = list(read_jsonl(run / "samples.jsonl"))
     assert len(samples) == 8 and all(isinstance(s["reward"], float) for s in samples), samples[0]
+
+
+def test_an_error_every_process_raised_is_printed_by_process_0_only(monkeypatch, capsys):
+    """What decides who prints: a marked error (every process raised it) only on process 0, another process's own
+    error there, named; a re-raise keeps the mark of its cause."""
+    import arena.cli as cli
+    from arena.distributed import everywhere
+    from arena.errors import ArenaError
+
+    shared = everywhere(ArenaError("the gradient norm is nan"))
+    assert shared.arena_process == 0
+    assert everywhere(ArenaError("iteration 3: more words"), shared).arena_process == 0
+    assert not hasattr(everywhere(ArenaError("x"), ArenaError("a process's own")), "arena_process")
+
+    def failing(error):
+        monkeypatch.setattr(cli, "build_parser", lambda registry: (_ for _ in ()).throw(error))
+
+    for rank, error, printed in [(1, shared, ""), (0, shared, "arena: error: the gradient norm is nan"),
+                                 (1, ArenaError("disk full"), "arena: error: process 1: disk full")]:
+        monkeypatch.setattr(cli, "PROCESS", rank)
+        failing(error)
+        assert cli._main(["list"]) == 2
+        assert capsys.readouterr().err.strip() == printed
