@@ -280,29 +280,32 @@ def evaluate_runs(runs: list[Any], registry: Any, compare: dict[str, Any], promp
 
     models: dict[str, dict[str, Any]] = {}
     answers: dict[str, list[JudgeItem]] = {}
-    for run, label in [(None, "base"), *zip(runs, labels)]:
-        if run is not None:
-            try:
-                policy.load(str(run.checkpoint / ADAPTER))
-            except Exception as exc:  # noqa: BLE001 - a damaged or foreign adapter: one line, not a traceback
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-                raise ArenaError(f"{run.checkpoint / ADAPTER}: cannot load it ({reason})") from None
-        view = ModelView(policy, base=run is None)
-        # the base is the model before training: iteration 0, as the run's own first evaluation
-        ctx = RoundContext(iteration=0 if run is None else run.iteration, policy=view, judge=judge,
-                           rng=seed_everything(config.run.seed, 0, group.rank), env=env)
-        t0 = time.perf_counter()
-        items = held_out.evaluate_items(ctx)
-        answers[label] = held_out.held_out_answers(ctx)
-        estimates, counts = summarise(items)
-        models[label] = {"metrics": {k: asdict(e) for k, e in estimates.items()}, "counts": counts, "items": items}
-        if run is not None:
-            models[label]["differences"] = {k: asdict(e) for k, e in
-                                            paired_differences(items, models["base"]["items"]).items()}
-        if run is not None and answers[label]:
-            prefs = compare_answers(comparer, answers[label], answers["base"])
-            models[label]["win_rate"] = {**win_rate(prefs), "preferences": prefs}
-        say(f"{label}: evaluated in {time.perf_counter() - t0:.0f} s")
+    try:
+        for run, label in [(None, "base"), *zip(runs, labels)]:
+            if run is not None:
+                try:
+                    policy.load(str(run.checkpoint / ADAPTER))
+                except Exception as exc:  # noqa: BLE001 - a damaged or foreign adapter: one line, not a traceback
+                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                    raise ArenaError(f"{run.checkpoint / ADAPTER}: cannot load it ({reason})") from None
+            view = ModelView(policy, base=run is None)
+            # the base is the model before training: iteration 0, as the run's own first evaluation
+            ctx = RoundContext(iteration=0 if run is None else run.iteration, policy=view, judge=judge,
+                               rng=seed_everything(config.run.seed, 0, group.rank), env=env)
+            t0 = time.perf_counter()
+            items = held_out.evaluate_items(ctx)
+            answers[label] = held_out.held_out_answers(ctx)
+            estimates, counts = summarise(items)
+            models[label] = {"metrics": {k: asdict(e) for k, e in estimates.items()}, "counts": counts, "items": items}
+            if run is not None:
+                models[label]["differences"] = {k: asdict(e) for k, e in
+                                                paired_differences(items, models["base"]["items"]).items()}
+            if run is not None and answers[label]:
+                prefs = compare_answers(comparer, answers[label], answers["base"])
+                models[label]["win_rate"] = {**win_rate(prefs), "preferences": prefs}
+            say(f"{label}: evaluated in {time.perf_counter() - t0:.0f} s")
+    finally:
+        policy.close()
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "game": config.game.name,

@@ -94,6 +94,17 @@ class Policy(ABC):
         micro-batch option is unset): 8 unless the backend knows better, e.g. from a GPU's free memory."""
         return 8
 
+    @contextlib.contextmanager
+    def updating(self) -> Iterator[None]:
+        """The optimizer step runs inside this. A backend that holds memory only generation needs (vLLM's
+        weights and KV cache beside the trained model on one GPU) may free it here and take it back at the next
+        `generate`. By default nothing happens."""
+        yield
+
+    def close(self) -> None:
+        """Release what the backend holds outside this process's objects (an engine's processes, temporary
+        files); called once a run, an evaluation or an export is done with it. By default nothing."""
+
     @abstractmethod
     def trainable_parameters(self) -> list["torch.nn.Parameter"]:
         """The parameters an optimizer updates."""

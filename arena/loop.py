@@ -115,6 +115,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
     hook = registry.hooks
     error: BaseException | None = None
     started = created = False
+    policy = None
     try:
         def build() -> tuple[Any, Any, Any, Any]:
             seed_everything(cfg.run.seed, 0)  # the adapter's random init must not depend on what ran before
@@ -164,7 +165,7 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
             ctx = RoundContext(iteration=it, policy=policy, judge=judge,
                                rng=seed_everything(cfg.run.seed, it, group.rank), env=env)
             samples = game.play(ctx)
-            with ctx.phase("optimize"), group.local():
+            with ctx.phase("optimize"), group.local(), policy.updating():
                 try:
                     train = optimizer.step(samples, game.roles)
                 except ArenaError as exc:
@@ -198,6 +199,8 @@ def play(registry: Registry, resolved: Resolved, resume: str | Path | None = Non
             if started:
                 hook.arena_run_end(run=run, error=error)
         finally:
+            if policy is not None:
+                policy.close()
             for i in range(len(loggers)):
                 registry.pm.unregister(name=f"logger:{i}:{names[i]}")
             store.unlock()

@@ -149,6 +149,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise ArenaError(f"OUT {out}: cannot write the model there ({reason}); nothing was left behind") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        policy.close()
     print(f"exported {run.dir} at iteration {run.iteration} to {out} (load it with "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0

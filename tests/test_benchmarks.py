@@ -7,6 +7,8 @@ import argparse
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -194,6 +196,25 @@ def test_throughput_layouts_and_the_median_round(throughput):
     got = throughput.summarise(records, samples=32)
     assert got["seconds"] == 10.0 and got["samples_per_second"] == 3.2
     assert got["generate"] == 5.0 and got["optimize"] == 4.0 and got["judge"] == 0.0
+
+
+def test_throughput_memory_counts_the_processes_below_and_the_growth_per_round(throughput):
+    """A child that holds 200 MiB adds them to its parent's tree; the growth is the slope over the second half."""
+    before = throughput.tree_rss(os.getpid())
+    assert before >= 50 * 2**20  # this process alone holds torch
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(200 << 20); b[::4096] = "
+                              "b'x' * len(b[::4096]); print('ready', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert throughput.tree_rss(os.getpid()) - before >= 190 * 2**20
+    finally:
+        child.kill()
+        child.wait()
+    peaks = {1: 900, 2: 100, 3: 50, 4: 10, 5: 12, 6: 14, 7: 16}  # the early rounds are left out
+    assert throughput.growth_per_round(peaks, 7) == pytest.approx(2.0)
+    assert throughput.growth_per_round({1: 5, 2: 5, 3: 5, 4: 5}, 4) == pytest.approx(0.0)
+    assert math.isnan(throughput.growth_per_round({1: 5}, 1))
 
 
 def test_generation_throughput_counts_new_tokens_of_the_best_call():

@@ -19,6 +19,7 @@ import torch
 
 from arena.distributed import SOLO, Group
 from arena.runstore import RunStore, read_jsonl
+from tiny import game_args
 
 TESTS = Path(__file__).parent
 
@@ -79,45 +80,6 @@ def test_two_processes_take_the_step_of_one(tiny_model_dir, tmp_path, name):
 
 
 # -- whole runs ------------------------------------------------------------------------------------------------------
-
-def pairs_file(folder: Path) -> Path:
-    path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Name a colour number {i}.",
-                                        "response": f"Colour {i} is blue, like the sky at noon."}) + "\n"
-                            for i in range(12)))
-    return path
-
-
-def corpus_file(folder: Path) -> Path:
-    from test_pop import DOC
-
-    import random
-
-    words = DOC.split()
-    path = folder / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"title": f"doc {i}", "text": " ".join(random.Random(i).sample(words, len(words)))})
-                            + "\n" for i in range(6)))
-    return path
-
-
-def game_args(game: str, folder: Path) -> list[str]:
-    from test_azr import TINY_AZR
-    from test_lsp import TINY_LSP
-
-    if game == "prompts":
-        return ["game.dataset=arithmetic", "judge=exact_match", "game.prompts_per_round=4", "game.group_size=2",
-                "game.max_new_tokens=4", "game.eval_size=4", "run.eval_every=1"]
-    if game == "lsp":
-        return TINY_LSP
-    if game == "spin":
-        return [f"game.dataset={pairs_file(folder)}", "game.prompts_per_round=2", "game.max_new_tokens=6",
-                "game.eval_size=2", "game.rounds_per_iteration=2", "run.eval_every=2", "optimizer.lr=0.01"]
-    if game == "azr":
-        return TINY_AZR
-    return [f"game.corpus={corpus_file(folder)}", "game.min_document_words=10", "game.eval_size=2",
-            "game.min_question_overlap=0", "game.documents_per_round=2", "game.answers=2",
-            "game.field_max_new_tokens=6", "game.solver_max_new_tokens=6", "run.eval_every=2"]
-
 
 @pytest.mark.parametrize("game", ["prompts", "lsp", "spin", "azr", "pop"])
 def test_every_game_plays_whole_rounds_on_two_processes(tiny_model_dir, tmp_path, game):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -92,10 +94,36 @@ def make_backend(model_dir, perturb: bool = True, seed: int = 3, **options):
     return backend
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (its children, theirs, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting to be reaped does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def kill_after_checkpoint(args: list[str], run: Path, iteration: int = 1, timeout: float = 900,
-                          linger: float = 0.0) -> None:
+                          linger: float = 0.0) -> list[int]:
     """Run `python -m arena ARGS` and kill -9 it once checkpoint `iteration` is complete in `run` (after `linger`
-    more seconds, so that the next round is under way): the crash a resume must survive."""
+    more seconds, so that the next round is under way): the crash a resume must survive. Returns the processes
+    it had started, which were left running."""
     proc = subprocess.Popen([sys.executable, "-m", "arena", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + timeout
@@ -104,8 +132,10 @@ def kill_after_checkpoint(args: list[str], run: Path, iteration: int = 1, timeou
         assert time.time() < deadline, f"no checkpoint {iteration} after {timeout} s"
         time.sleep(0.1)
     time.sleep(linger)
+    below = descendants(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
+    return below
 
 
 # a prompts run of seconds on the tiny model, checkpointed at every iteration, every checkpoint kept
@@ -174,3 +204,43 @@ class ScriptedReplies(Policy):
 
     def load(self, path):
         raise NotImplementedError
+
+
+# -- one tiny run of each built-in game ---------------------------------------------------------------------
+
+def pairs_file(folder: Path) -> Path:
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Name a colour number {i}.",
+                                        "response": f"Colour {i} is blue, like the sky at noon."}) + "\n"
+                            for i in range(12)))
+    return path
+
+
+def corpus_file(folder: Path) -> Path:
+    from test_pop import DOC
+
+    words = DOC.split()
+    path = folder / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"title": f"doc {i}", "text": " ".join(random.Random(i).sample(words, len(words)))})
+                            + "\n" for i in range(6)))
+    return path
+
+
+def game_args(game: str, folder: Path) -> list[str]:
+    """Options for a run of seconds of `game` on the tiny model, its data files written in `folder`."""
+    from test_azr import TINY_AZR
+    from test_lsp import TINY_LSP
+
+    if game == "prompts":
+        return ["game.dataset=arithmetic", "judge=exact_match", "game.prompts_per_round=4", "game.group_size=2",
+                "game.max_new_tokens=4", "game.eval_size=4", "run.eval_every=1"]
+    if game == "lsp":
+        return TINY_LSP
+    if game == "spin":
+        return [f"game.dataset={pairs_file(folder)}", "game.prompts_per_round=2", "game.max_new_tokens=6",
+                "game.eval_size=2", "game.rounds_per_iteration=2", "run.eval_every=2", "optimizer.lr=0.01"]
+    if game == "azr":
+        return TINY_AZR
+    return [f"game.corpus={corpus_file(folder)}", "game.min_document_words=10", "game.eval_size=2",
+            "game.min_question_overlap=0", "game.documents_per_round=2", "game.answers=2",
+            "game.field_max_new_tokens=6", "game.solver_max_new_tokens=6", "run.eval_every=2"]

@@ -18,9 +18,12 @@ a CPU (docs/configuration.md says how).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -28,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from arena.config import option
-from arena.errors import ArenaError
+from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Env
 from arena.plugins.backends.hf.backend import HFBackend, HFOptions
@@ -41,18 +44,37 @@ MISSING = ("vllm is not installed: on a GPU machine `pip install 'arena-selfplay
 
 @dataclass
 class VLLMOptions(HFOptions):
-    # the share of the device's memory vLLM may take for the model and its KV cache (on a CPU: of the RAM)
-    memory_share: float = option(0.1, gt=0.0, le=1.0)
+    # the share of the device's memory vLLM may take for its copy of the model and its KV cache (on a CPU: of the
+    # RAM); None: 0.1 on a CPU, 0.3 on a GPU, where the trained model and its optimizer share the device
+    memory_share: Optional[float] = option(None, gt=0.0, le=1.0)
     max_model_len: Optional[int] = option(None, ge=16)  # the longest prompt + completion; None: min(context, 4096)
-    eager: bool = True  # no CUDA graphs or compilation: a quicker start, slower decoding on a GPU
+    # no CUDA graphs or compilation: a quicker start, slower decoding on a GPU; None: eager on a CPU only
+    eager: Optional[bool] = None
+    # free vLLM's memory during each optimizer step (its sleep mode: weights to host memory, KV cache dropped;
+    # TRL's colocate mode does the same); None: where vLLM has a sleep mode, which its CPU build lacks
+    sleep: Optional[bool] = None
+
+    def check(self) -> None:
+        if self.sleep and importlib.util.find_spec("vllm") is not None and not vllm_platform().is_sleep_mode_available():
+            raise ConfigError("sleep", f"vLLM has no sleep mode on this machine ({vllm_platform().device_type}); "
+                                       "leave it unset, or false")
 
 
 def vllm_module() -> Any:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO and WARNING lines would bury the progress line
     try:
         import vllm
     except ImportError:
         raise ArenaError(f"backend=vllm: {MISSING}") from None
     return vllm
+
+
+def vllm_platform() -> Any:
+    """vLLM's view of this machine (its CPU build says cpu even where a GPU is present)."""
+    vllm_module()
+    from vllm.platforms import current_platform
+
+    return current_platform
 
 
 class VLLMBackend(HFBackend):
@@ -63,14 +85,12 @@ class VLLMBackend(HFBackend):
     @classmethod
     def check_model(cls, model: Any) -> None:
         """The hf backend's checks, and vLLM installed: a missing package is found when the config resolves."""
-        import importlib.util
-
         if importlib.util.find_spec("vllm") is None:
             raise ArenaError(f"backend=vllm: {MISSING}")
         super().check_model(model)
 
     def __init__(self, options: VLLMOptions, env: Env):
-        vllm = vllm_module()  # before the model loads: a missing package is one line
+        vllm_module()  # before the model loads: a missing package is one line
         if env.group is not None and env.group.size > 1:
             raise ArenaError("backend=vllm: not under a launcher yet (each process would start an engine of its "
                              "own on the same device); play with one process, or backend=hf across several")
@@ -80,13 +100,33 @@ class VLLMBackend(HFBackend):
         context = self.model.config.max_position_embeddings
         self.max_model_len = options.max_model_len or min(context, 4096)
         rank = m.lora.r
-        self.llm = vllm.LLM(model=str(folder), tokenizer=str(folder), dtype=str(self.model.dtype).removeprefix("torch."),
-                            gpu_memory_utilization=options.memory_share, max_model_len=self.max_model_len,
-                            enforce_eager=options.eager, enable_lora=True, max_lora_rank=max(8, rank), max_loras=2,
-                            logprobs_mode="processed_logprobs", seed=0)
+        platform = vllm_platform()
+        on_cpu = platform.is_cpu()
+        self.sleeps = platform.is_sleep_mode_available() if options.sleep is None else options.sleep
+        self.asleep = False
+        self._engine_args = dict(model=str(folder), tokenizer=str(folder),
+                                 dtype=str(self.model.dtype).removeprefix("torch."),
+                                 gpu_memory_utilization=options.memory_share or (0.1 if on_cpu else 0.3),
+                                 max_model_len=self.max_model_len,
+                                 enforce_eager=on_cpu if options.eager is None else options.eager,
+                                 enable_sleep_mode=self.sleeps, enable_lora=True, max_lora_rank=max(8, rank),
+                                 max_loras=2, logprobs_mode="processed_logprobs", seed=0)
+        self._llm: Any = None
         self._lora_root = Path(tempfile.mkdtemp(prefix="arena-vllm-lora-"))
         self._requests: dict[Any, Any] = {}  # what an adapter was saved from -> its LoRA request
         self._next_id = 1
+
+    @property
+    def llm(self) -> Any:
+        """The engine, started at the first generation: exporting or scoring a run never pays for it."""
+        if self._llm is None:
+            try:
+                self._llm = vllm_module().LLM(**self._engine_args)
+            except (ValueError, RuntimeError) as exc:  # too little memory for the KV cache, a model it cannot run
+                reason = " ".join(str(exc).split())[:400] or type(exc).__name__
+                raise ArenaError(f"backend=vllm: the engine did not start ({reason}); backend.memory_share and "
+                                 "backend.max_model_len set what it reserves") from None
+        return self._llm
 
     # -- the adapter vLLM generates with --------------------------------------------------------------------------
     def _weights_key(self, reference: bool | str) -> Any:
@@ -123,6 +163,23 @@ class VLLMBackend(HFBackend):
         for key in [k for k in self._requests if k[0] == "frozen" and k[1] == name]:
             self._evict(key)
 
+    # -- memory during the optimizer step --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def updating(self) -> Iterator[None]:
+        """With `sleep`, vLLM's weights go to host memory and its KV cache is dropped for the step; the next
+        `generate` wakes it."""
+        if self.sleeps and not self.asleep and self._llm is not None:
+            self.llm.sleep(level=1)
+            self.asleep = True
+        yield
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+            for key in list(self._requests):  # adapters are handed over again rather than trusted to have slept
+                self._evict(key)
+
     # -- generation --------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Messages | list[int]], *, n: int = 1, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
@@ -133,6 +190,7 @@ class VLLMBackend(HFBackend):
         encoded, greedy = self._generation_inputs(prompts, temperature, greedy)
         if not encoded:
             return []
+        self._wake()
         self._check_context(max(len(ids) for ids in encoded), max_new_tokens, "max_new_tokens")
         stops = self._stop_tokens(tuple(stop))
         seed = int(torch.randint(0, 2**31 - 1, ()))  # from the round's seeded generator: a resume replays it
@@ -149,7 +207,10 @@ class VLLMBackend(HFBackend):
 
     def close(self) -> None:
         """Stop the engine's processes and remove the adapters written for it."""
-        self.llm.llm_engine.engine_core.shutdown()
+        if self._llm is not None:
+            self._llm.llm_engine.engine_core.shutdown()
+            self._llm = None
+        self._requests.clear()
         shutil.rmtree(self._lora_root, ignore_errors=True)
 
 
