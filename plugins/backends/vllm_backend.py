@@ -55,7 +55,9 @@ class VLLMOptions(HFOptions):
     sleep: Optional[bool] = None
 
     def check(self) -> None:
-        if self.sleep and importlib.util.find_spec("vllm") is not None and not vllm_platform().is_sleep_mode_available():
+        if not self.sleep or importlib.util.find_spec("vllm") is None:  # a missing vllm: check_model says so
+            return
+        if not vllm_platform().is_sleep_mode_available():
             raise ConfigError("sleep", f"vLLM has no sleep mode on this machine ({vllm_platform().device_type}); "
                                        "leave it unset, or false")
 
@@ -199,10 +201,9 @@ class VLLMBackend(HFBackend):
                                 detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params,
                                     lora_request=self._lora_request(reference), use_tqdm=False)
-        return [[self._generation(ids, list(sample.token_ids),
-                                  [entry[token].logprob for token, entry in zip(sample.token_ids, sample.logprobs or [])],
-                                  stops)
-                 for sample in output.outputs]
+        def logprobs(sample: Any) -> list[float]:  # vLLM's per-position {token: Logprob}, the sampled one's
+            return [entry[token].logprob for token, entry in zip(sample.token_ids, sample.logprobs or [])]
+        return [[self._generation(ids, list(sample.token_ids), logprobs(sample), stops) for sample in output.outputs]
                 for ids, output in zip(encoded, outputs)]
 
     def close(self) -> None:
