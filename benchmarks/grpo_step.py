@@ -614,7 +614,7 @@ def _ratio(fn: Any, s: dict[str, Any]) -> str:
 
 
 def report(columns: dict[str, list[dict[str, Any]]], args: argparse.Namespace,
-           profiles: list[dict[str, Any]] = ()) -> str:
+           profiles: list[dict[str, Any]] = (), machine: str = "") -> str:
     names = list(columns)
     sums = [summarize(runs) for runs in columns.values()]
     gb = 1024 ** 3
@@ -630,6 +630,7 @@ def report(columns: dict[str, list[dict[str, Any]]], args: argparse.Namespace,
         f"{args.warmup} warm-up + {args.iterations} timed iterations per side{repeats}, median; torch threads "
         f"{sums[0]['threads']}; each side in its own process.",
         *([f"extra arena overrides: {' '.join(args.set)}"] if args.set else []),
+        *([machine] if machine else []),
         "",
         row("wall seconds per iteration", names),
         row("total", [f"{s['total']:.2f}" for s in sums]),
@@ -669,6 +670,19 @@ def report(columns: dict[str, list[dict[str, Any]]], args: argparse.Namespace,
             lines += ["", f"torch profiler, arena {r['dtype']}, phase {phase} of the iteration after "
                           f"{max(1, args.warmup)} warm-up (a separate process; not in the timings above):", table]
     return "\n".join(lines)
+
+
+def describe_machine(gpu: bool) -> str:
+    """The CPU and its kernels (benchmarks/machine.py), and the GPU if one is used: every figure names its machine."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import describe
+
+    line = describe()
+    if gpu:
+        import torch
+
+        line += f"; gpu: {torch.cuda.get_device_name()}"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -767,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
         print("[grpo_step] interrupted; reporting the runs that finished", file=sys.stderr)
     if columns:
-        print(report(columns, args, profiles))
+        print(report(columns, args, profiles, machine=describe_machine(gpu)))
     return 130 if interrupted else 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -103,16 +102,6 @@ def summarise(records: list[dict], samples: int) -> dict[str, float]:
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", default="1x2,2x1", help="PROCESSESxTHREADS, comma-separated (default 1x2,2x1)")
@@ -125,7 +114,11 @@ def main() -> None:
     settings = dict(item.split("=", 1) for item in [*SETTINGS, *args.extra] if "=" in item)
     prompts, group = int(settings["game.prompts_per_round"]), int(settings["game.group_size"])
     samples = prompts * group
-    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores; round: {prompts} prompts x {group} samples x "
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import describe
+
+    print(describe())
+    print(f"round: {prompts} prompts x {group} samples x "
           f"{settings['game.max_new_tokens']} tokens, embedded model, self_reward, grpo; {args.iterations} rounds each")
     results = {}
     for (processes, threads), backend in runs:

@@ -235,3 +235,41 @@ def test_generation_throughput_counts_new_tokens_of_the_best_call():
     args = argparse.Namespace(samples=2, tokens=8, repeat=2)
     speed, tokens = module.tokens_per_second(generate, ["a", "b"], args)
     assert tokens == 16 and speed > 0 and calls == [(2, 2, 8, 1.0)] * 3  # a warm-up, then the repeats
+
+
+def test_eval_agreement_shares_by_hand():
+    spec = importlib.util.spec_from_file_location("benchmarks_agreement", ROOT / "benchmarks" / "eval_agreement.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    hf = {"models": {"base": {"items": {"score": [1.0, 2.0, 3.0, 4.0], "empty": 0}},
+                     "run/5": {"items": {"score": [1.0, 1.0]}}},
+          "answers": [{"base": "a", "run/5": "x"}, {"base": "b", "run/5": "y"}]}
+    vllm = {"models": {"base": {"items": {"score": [1.0, 2.5, 3.0, 4.0], "empty": 0}},
+                       "run/5": {"items": {"score": [1.0, 1.0]}}},
+            "answers": [{"base": "a", "run/5": "x"}, {"base": "c", "run/5": "y"}]}
+    assert module.agreement(hf, vllm) == {"base score": 0.75, "base answers": 0.5, "run/5 score": 1.0,
+                                          "run/5 answers": 1.0}
+
+
+def test_machine_reads_the_cpu_and_the_kernels_torch_dispatches_to():
+    spec = importlib.util.spec_from_file_location("benchmarks_machine", ROOT / "benchmarks" / "machine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output = "\n".join([  # as oneDNN 3.12 and oneMKL 2024 print them on an AMD EPYC
+        "onednn_verbose,v1,info,cpu,isa:Intel AVX-512 with Intel DL Boost and bfloat16 support",
+        "onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx512_core_bf16,undef,src:bf16::blocked:ab::f0,,"
+        "32x576:576x1536,1.625",
+        "probe: float32",
+        "MKL_VERBOSE oneMKL 2024.0 Update 2 Product build 20240605 for Intel(R) 64 architecture",
+        "MKL_VERBOSE SGEMM(T,N,1536,32,576,0x1,0x2,576,0x3,576,0x4,0x5,1536) 12.90ms CNR:OFF Dyn:1 NThr:2",
+        "probe: capability AVX512"])
+    assert module.parse_dispatch(output) == {
+        "onednn_isa": "Intel AVX-512 with Intel DL Boost and bfloat16 support",
+        "bfloat16": "oneDNN matmul brg_matmul:avx512_core_bf16", "float32": "MKL SGEMM", "capability": "AVX512"}
+    # on this machine: what /proc/cpuinfo lists, and a real probe names a kernel for each dtype
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    assert ("AVX2" in module.cpu_features()) == (" avx2" in flags)
+    line = module.describe()
+    assert line.startswith(f"cpu: {module.cpu_name()}, {os.cpu_count()} cores; ")
+    assert "bfloat16 linear: oneDNN " in line or "bfloat16 linear: MKL " in line, line
+    assert "float32 linear: ?" not in line, line
