@@ -132,3 +132,36 @@ def test_item_means_by_hand():
     assert items == {"score": [2.0, None, 4.0, 0.0], "valid_frac": [1.0, 0.0, 1.0, 1.0]}
     assert item_means({**items, "problems": 4, "empty": [], "none": [None]}) == {
         "score": 2.0, "valid_frac": 0.75, "problems": 4.0}
+
+
+def test_the_optimizer_step_runs_inside_updating_and_every_command_closes_the_policy(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch):
+    """`Policy.updating()` wraps each optimizer step (and nothing else), and `close()` is called once when a run,
+    an eval or an export is done with the policy: where the vllm backend sleeps and stops its engine."""
+    import contextlib
+
+    from arena.cli import main
+    from arena.plugins.backends.hf.backend import HFBackend
+    from arena.plugins.optimizers.grpo import GRPO
+    from tiny import play_prompts
+
+    log: list[str] = []
+
+    @contextlib.contextmanager
+    def updating(self):
+        log.append("sleep")
+        yield
+        log.append("wake")
+
+    step = GRPO.step
+    monkeypatch.setattr(HFBackend, "updating", updating)
+    monkeypatch.setattr(HFBackend, "close", lambda self: log.append("close"))
+    monkeypatch.setattr(GRPO, "step", lambda self, *a, **k: (log.append("step"), step(self, *a, **k))[1])
+    run = play_prompts(tiny_model_dir, tmp_path / "run", iterations=2)
+    assert log == ["sleep", "step", "wake"] * 2 + ["close"]
+    del log[:]
+    assert main(["eval", str(run), "--out", str(tmp_path / "eval.json")]) == 0
+    assert log == ["close"]
+    del log[:]
+    assert main(["export", str(run), str(tmp_path / "merged")]) == 0
+    assert log == ["close"]

@@ -151,9 +151,10 @@ def test_the_next_round_generates_from_the_adapter_after_a_training_step(backend
 
 
 @pytest.mark.parametrize("game", ["prompts", "lsp", "spin", "azr", "pop"])
-def test_every_game_plays_rounds_and_evaluates_on_vllm(model_dir, tmp_path, game):
+def test_every_game_plays_rounds_and_evaluates_on_vllm(model_dir, tmp_path, game, monkeypatch):
     """Two rounds and the held-out evaluation of each built-in game, every generation on the engine (frozen
-    opponents, base-model references, executor-checked proposals, rubric writing alike)."""
+    opponents, base-model references, executor-checked proposals, rubric writing alike). Exporting the prompts
+    run starts no engine: it starts at the first generation."""
     run = tmp_path / "run"
     assert main(["play", game, f"model.path={model_dir}", f"run.dir={run}", "backend=vllm", "run.iterations=2",
                  "run.loggers=[plain]", "model.lora.r=4", *game_args(game, tmp_path)]) == 0
@@ -164,6 +165,14 @@ def test_every_game_plays_rounds_and_evaluates_on_vllm(model_dir, tmp_path, game
     assert {s["iteration"] for s in samples} == {1, 2}
     assert all(len(s["logprobs"]) == len(s["completion_ids"]) for s in samples if s.get("logprobs"))
     assert any(s.get("logprobs") for s in samples)
+    if game == "prompts":
+        import vllm
+
+        def tripwire(*args, **kwargs):
+            raise AssertionError("arena export started a vLLM engine")
+        monkeypatch.setattr(vllm, "LLM", tripwire)
+        assert main(["export", str(run), str(tmp_path / "merged")]) == 0
+        assert (tmp_path / "merged" / "config.json").is_file()
 
 
 # the self_reward judge gives every answer its own score, so each step moves the adapter
