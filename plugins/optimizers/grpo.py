@@ -204,10 +204,10 @@ class GRPO(AdamWOptimizer):
         by_key: dict[tuple[str, float], list[Sample]] = defaultdict(list)
         for s in batch:
             by_key[(s.role, s.temperature)].append(s)
+        size = self.micro_batch()
         for (role, temperature), group in by_key.items():
             # one prompt's samples stay in one micro-batch, so the backend runs that prompt once for all of them
             group.sort(key=lambda s: (len(s.prompt_ids), s.prompt_ids))
-            size = self.micro_batch()
             for i in range(0, len(group), size):
                 plan.micro.append((role, temperature, group[i:i + size]))
         plan.owned = self.group.mine(len(plan.micro))
