@@ -5,7 +5,12 @@ then temperature 0, LoRA dropout, the model's context, batch sizes per device an
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -691,3 +696,47 @@ def test_a_line_break_before_any_text_does_not_stop_a_line(tiny_model_dir):
         assert text.strip() or g.truncated  # never ended while still blank
         if not g.truncated:
             assert g.completion_ids[-1] == newline and "\n" not in text[:-1]  # ended at the break after its text
+
+
+MEMORY_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from tiny import make_env
+from arena.plugins.backends.hf import models
+from arena.plugins.backends.hf.backend import HFBackend, HFOptions
+if sys.argv[1] == "unbounded":
+    models.bound_cpu_memory = lambda: None
+env = make_env({model!r})
+env.config.model.dtype = "bfloat16"
+policy = HFBackend(HFOptions(), env)
+def rss():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
+seen = []
+for length in range(1, 301):  # a prompt of every length: a new shape for every product
+    policy.generate([[7] * length], max_new_tokens=1)
+    if length in (100, 300):
+        seen.append(rss())
+print(seen[1] - seen[0])
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc",
+                    reason="reads /proc; the allocator setting is glibc's")
+def test_cpu_memory_stays_flat_over_prompts_of_many_lengths(tiny_model_dir, tmp_path):
+    """A run meets a new product shape with nearly every prompt length; oneDNN's and ideep's per-shape kernel
+    caches and glibc's rising mmap threshold made memory grow with each (about 3 MiB a length on the tiny model in
+    bfloat16). With the caps the hf backend sets on a CPU, 200 new lengths add almost nothing; without them (the
+    control, in the same code) the same prompts add over 100 MiB, so the measure is not blind."""
+    script = tmp_path / "memory.py"
+    script.write_text(MEMORY_SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir)))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY", "MALLOC_MMAP_THRESHOLD_")}
+    growth = {}
+    for kind in ("bounded", "unbounded"):
+        done = subprocess.run([sys.executable, str(script), kind], env={**env, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        growth[kind] = float(done.stdout.split()[-1])
+    assert growth["unbounded"] > 100, growth
+    assert growth["bounded"] < 20, growth

@@ -8,9 +8,11 @@ and loaded from there afterwards (0.1 s instead of ~20 s). Nothing is ever downl
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
 import struct
 import tempfile
@@ -227,6 +229,33 @@ def pick_dtype(dtype: str, device: str) -> Any:
     return table[dtype]
 
 
+# A self-play run multiplies matrices of a new shape with nearly every prompt length. On a CPU, oneDNN and ideep
+# (torch's wrapper of it) each keep a compiled kernel per bfloat16 product shape, up to 1,024 of them and about
+# 1 MiB a shape together, and glibc's heap, whose mmap threshold rises with every large block freed, keeps the
+# holes between blocks of changing sizes: a run's memory grew by 13 MiB a round (docs/performance.md). Caps on
+# both caches and a fixed threshold keep it flat at no measured cost in speed. Each is a default the environment
+# variable of the same name overrides.
+CPU_KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
+MMAP_THRESHOLD = ("MALLOC_MMAP_THRESHOLD_", 1 << 20)
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+
+
+def bound_cpu_memory() -> None:
+    """Set the caps above before the first bfloat16 product reads them (both caches read their variable once, at
+    first use). Child processes, such as vLLM's engine, inherit the variables; this process's allocator is told
+    through mallopt, since glibc reads its variable only at start. Safe to call more than once."""
+    for name, value in CPU_KERNEL_CACHES.items():
+        os.environ.setdefault(name, value)
+    name, threshold = MMAP_THRESHOLD
+    if name in os.environ:
+        return  # set by the user (glibc already applied it) or by an earlier call
+    os.environ[name] = str(threshold)
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold)
+    except (AttributeError, OSError):  # not glibc: its allocator has no such knob
+        pass
+
+
 def load_tokenizer(source: Path | str) -> Any:
     from transformers import AutoTokenizer
 
@@ -247,6 +276,8 @@ def load_causal_lm(path: str | None, dtype: str = "auto", device: str = "auto") 
 
     source = resolve_model_path(path)
     device = pick_device(device)
+    if device == "cpu":
+        bound_cpu_memory()
     shown = path or source
     try:
         tokenizer = load_tokenizer(source)
@@ -277,6 +308,8 @@ def load_sequence_classifier(path: str | None, key: str = "judge.path", device: 
         raise ArenaError(f"{key} is unset; expected a sequence-classification reward model folder")
     source = resolve_model_path(path, key, "classifier")
     device = pick_device(device)
+    if device == "cpu":
+        bound_cpu_memory()
     try:
         tokenizer = load_tokenizer(source)
         model, info = AutoModelForSequenceClassification.from_pretrained(
