@@ -173,7 +173,8 @@ class VLLMBackend(HFBackend):
         if self.sleeps and not self.asleep and self._llm is not None:
             self.llm.sleep(level=1)
             self.asleep = True
-        yield
+        with super().updating():
+            yield
 
     def _wake(self) -> None:
         if self.asleep:

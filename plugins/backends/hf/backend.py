@@ -25,7 +25,8 @@ from arena.config import option
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Backend, Env
-from arena.plugins.backends.hf.models import context_length, load_causal_lm, lora_target_problem, model_skeleton
+from arena.plugins.backends.hf.models import (context_length, load_causal_lm, lora_target_problem, model_skeleton,
+                                              release_free_heap)
 from arena.plugins.backends.hf.kernels import (TokenLogprobs, common_prefix, distinct, keep_lora_inputs_low_precision, left_pad,
                                    positions, register_cpu_gqa_sdpa, sample_tokens)
 from arena.types import Generation, Messages
@@ -249,6 +250,16 @@ class HFBackend(Backend):
         mlp = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
         per_token = c.num_hidden_layers * (12 * c.hidden_size + 4 * mlp) * self._dtype_bytes()
         return micro_batch_for("cuda", self._free_gpu_bytes(), per_token * tokens)
+
+    # -- memory -------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def updating(self) -> Iterator[None]:
+        """After the step, once a round, freed heap pages go back to the system (`release_free_heap`)."""
+        try:
+            yield
+        finally:
+            if self.device == "cpu":
+                release_free_heap()
 
     # -- sampling -----------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Messages | list[int]], *, n: int = 1, max_new_tokens: int = 64,
