@@ -187,7 +187,8 @@ def _patch_training_clocks(clock: Clock) -> None:
 
 def _time_generate_forwards(clock: Clock, causal_lm: Any, active: Any) -> Any:
     """Forward hooks on the causal LM and its LM head that time the forwards made while `active()` (inside
-    `generate`): the first forward after `reset()` is the prefill, each later one decodes one token. Returns
+    `generate`): the first forward after `reset()` is the prefill, each later one decodes one token, as does each
+    call of the packed decode step. Returns
     `reset`, to call at the start of each generate call."""
     import torch
 
@@ -214,6 +215,20 @@ def _time_generate_forwards(clock: Clock, causal_lm: Any, active: Any) -> Any:
     if isinstance(head, torch.nn.Module):
         head.register_forward_pre_hook(head_pre)
         head.register_forward_hook(head_post)
+
+    from arena.plugins.backends.hf.decode import Decoder  # the packed decode step (backend.packed_decode)
+
+    step = Decoder.step
+
+    def timed_step(self: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return step(self, *args)
+        finally:
+            if active():
+                clock.add("decode_forward", time.perf_counter() - t0)
+
+    Decoder.step = timed_step
 
     def reset() -> None:
         state["first"] = True

@@ -25,6 +25,7 @@ from arena.config import option
 from arena.errors import ArenaError, ConfigError
 from arena.hookspecs import hookimpl
 from arena.interfaces import Backend, Env
+from arena.plugins.backends.hf.decode import Decoder, PackedWeights, unsupported
 from arena.plugins.backends.hf.models import (context_length, load_causal_lm, lora_target_problem, model_skeleton,
                                               release_free_heap)
 from arena.plugins.backends.hf.kernels import (TokenLogprobs, common_prefix, distinct, keep_lora_inputs_low_precision, left_pad,
@@ -47,6 +48,9 @@ class HFOptions:
     logits_budget_mb: int = option(64, ge=1)
     share_prompts: bool = True  # training: completions of one prompt reuse its forward pass
     min_shared_prefix: int = option(16, ge=1)  # judge prompts sharing this many leading tokens reuse their KV cache
+    # sampling's decode steps on arena's own step for Llama-type models, weights packed once per set of adapter
+    # weights (decode.py); None: on a CPU, where the model allows it
+    packed_decode: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,12 @@ class HFBackend(Backend):
         self.generated_tokens = 0
         self._frozen: dict[str, dict[str, torch.Tensor]] = {}  # name -> {trainable parameter name: copy}
         self._stop_cache: dict[tuple[str, ...], Stops] = {}
+        why_not = unsupported(self.model)
+        if options.packed_decode and why_not:
+            raise ConfigError("backend.packed_decode", f"this model cannot take arena's decode step: {why_not}")
+        self.packed_decode = (self.device == "cpu" if options.packed_decode is None else options.packed_decode
+                              ) and not why_not
+        self._packed: tuple[Any, PackedWeights] | None = None  # (which weights, as of when), their packing
 
     # -- text ---------------------------------------------------------------------------------------------------
     def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
@@ -209,6 +219,21 @@ class HFBackend(Backend):
     def _cache(self, cache: Any) -> dict[str, Any]:
         return {self._cache_kw: cache}
 
+    def _packed_weights(self, reference: bool | str) -> PackedWeights:
+        """The packed decode weights of the adapter `reference` names, inside its `_adapter` context: built once
+        and kept while the weights stay as they were (the trained ones: their tensors and version counters, which
+        an optimizer step or a load moves; a frozen one: until it is frozen again, dropped or loaded)."""
+        if reference is True:
+            key: Any = True
+        elif isinstance(reference, str):
+            key = (reference, id(self._frozen_weights(reference)))
+        else:
+            key = tuple((p.data_ptr(), p._version) for p in self.trainable_parameters())
+        if self._packed is None or self._packed[0] != key:
+            self._packed = None  # the old packing is freed before the new one is built
+            self._packed = (key, PackedWeights(self.model))
+        return self._packed[1]
+
     def _check_context(self, prompt: int, more: int = 0, what: str = "") -> None:
         """A sequence past the model's context runs on positions it never learned, or fails deep in attention:
         say so in the user's terms instead."""
@@ -254,7 +279,9 @@ class HFBackend(Backend):
     # -- memory -------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def updating(self) -> Iterator[None]:
-        """After the step, once a round, freed heap pages go back to the system (`release_free_heap`)."""
+        """The packed decode weights go before the step (stale after it; the step's peak memory stays as it was);
+        after it, once a round, freed heap pages go back to the system (`release_free_heap`)."""
+        self._packed = None
         try:
             yield
         finally:
@@ -349,6 +376,10 @@ class HFBackend(Backend):
             logits = out.logits[:, -1].index_select(0, row_prompt)
             mask = mask.index_select(0, row_prompt)
             position = positions(mask)[:, -1:] + 1
+            decoder = None
+            if self.packed_decode and max_new_tokens > 1:
+                decoder = Decoder(self.model, self._packed_weights(reference), cache, mask, max_new_tokens - 1)
+                out = cache = None  # the decoder holds its own copy of the KV cache
             for step in range(max_new_tokens):
                 scaled = logits.float() if t == 1.0 else logits.float() / t
                 lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
@@ -364,9 +395,12 @@ class HFBackend(Backend):
                     begun |= ~blank
                 if steps == max_new_tokens or (steps % self.done_check_every == 0 and bool(done.all())):
                     break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                logits = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                                    use_cache=True, **self._cache(cache)).logits[:, -1]
+                if decoder is not None:
+                    logits = decoder.step(token, position)
+                else:
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                    logits = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                                        use_cache=True, **self._cache(cache)).logits[:, -1]
                 position = position + 1
         new, new_logprobs = tokens[:, :steps].tolist(), logprobs[:, :steps].tolist()  # one copy each
         return [self._generation(prompt, row_tokens, row_logprobs, stops)
@@ -491,6 +525,7 @@ class HFBackend(Backend):
             raise ValueError(f"frozen adapter name {name!r}: use letters, digits, '-', '_' and '.' only (it "
                              "names a file in saved checkpoints)")
         self._frozen[name] = {n: p.detach().clone() for n, p in self._trained()}
+        self._packed = None
 
     def frozen_adapters(self) -> list[str]:
         return sorted(self._frozen)
@@ -498,6 +533,7 @@ class HFBackend(Backend):
     def drop_adapter(self, name: str) -> None:
         self._frozen_weights(name)  # unknown: the KeyError that lists the names
         del self._frozen[name]
+        self._packed = None
 
     def save(self, path: str) -> None:
         """The adapter, and the frozen adapters in `frozen/` (files of dropped ones removed)."""
@@ -526,6 +562,7 @@ class HFBackend(Backend):
             frozen[file.name.removesuffix(".safetensors")] = {k: t.to(params[k].dtype) for k, t in weights.items()}
         set_peft_model_state_dict(self.model, load_peft_weights(path, device=self.device))
         self._frozen = frozen
+        self._packed = None
 
 
     def export_merged(self, path: str) -> None:
