@@ -26,6 +26,23 @@ def policy(tiny_model_dir):
     return make_backend(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def grouped_model_dir(tiny_model_dir, tmp_path_factory):
+    """A random Llama of 4 query heads over 2 KV heads (the tiny model has 2 over 1)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("grouped-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def steps_both_ways(policy, reference=False, steps=6):
     """Logits of `steps` decode steps from the model's own forward and from `Decoder`, fed the same tokens."""
     ids, mask = left_pad(PROMPTS, policy.pad_id, "cpu")
@@ -38,7 +55,7 @@ def steps_both_ways(policy, reference=False, steps=6):
         for _ in range(steps):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             plain.append(policy.model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                                      use_cache=True, cache=cache).logits[:, -1])
+                                      use_cache=True, **policy._cache(cache)).logits[:, -1])
             packed.append(decoder.step(token, position))
             token, position = plain[-1].argmax(-1), position + 1
     return torch.stack(plain), torch.stack(packed)
@@ -57,6 +74,24 @@ def test_decode_step_equals_the_models_forward(policy, reference):
         with policy._adapter(True):
             base = steps_both_ways(policy, True)[1]
         assert (base - packed).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("targets", ["[q_proj,v_proj]", "[k_proj]", "[o_proj,gate_proj,down_proj]",
+                                     "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"])
+def test_decode_step_with_other_lora_targets_and_grouped_heads(grouped_model_dir, targets):
+    """Adapters on some of q, k, v (the block-diagonal B's gaps), on o and the MLP (the model's own modules), on
+    a model of 4 query heads over 2 KV heads (the heads' order in the packed product and the cache)."""
+    policy = HFBackend(HFOptions(), make_env(grouped_model_dir, target_modules=targets))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    plain, packed = steps_both_ways(policy)
+    assert torch.allclose(plain, packed, atol=1e-4), (plain - packed).abs().max()
+    with policy._adapter(True):
+        base = steps_both_ways(policy, True)[1]
+    assert (base - packed).abs().max() > 1e-2
 
 
 def test_generation_is_the_same_with_and_without_the_packed_step(policy):
@@ -115,8 +150,8 @@ def test_packed_weights_follow_the_adapter(policy):
 
 
 def test_bfloat16_packed_step_agrees_with_the_training_forward(tiny_model_dir):
-    """In bfloat16 the merged weights round once where the plain path rounds the base and adds a float32 LoRA:
-    the recorded log-probs still agree with the training forward to bf16 precision."""
+    """In bfloat16 (the CPU default where bf16 is native) the packed step's recorded log-probs agree with the
+    training forward to bf16 precision, as the plain path's do."""
     env = make_env(tiny_model_dir)
     env.config.model.dtype = "bfloat16"
     policy = HFBackend(HFOptions(), env)

@@ -227,7 +227,7 @@ class HFBackend(Backend):
             key: Any = True
         elif isinstance(reference, str):
             key = (reference, id(self._frozen_weights(reference)))
-        else:
+        else:  # torch's optimizers move the counters, except fused AdamW: the loop's updating() covers that one
             key = tuple((p.data_ptr(), p._version) for p in self.trainable_parameters())
         if self._packed is None or self._packed[0] != key:
             self._packed = None  # the old packing is freed before the new one is built
@@ -569,6 +569,7 @@ class HFBackend(Backend):
         """The base model with the LoRA adapter merged into its weights (peft's `merge_and_unload`, in place: no
         second copy of the model, and this policy has no adapter afterwards), saved with the tokenizer and the
         standard attention so that `AutoModelForCausalLM.from_pretrained(path)` needs nothing of arena."""
+        self._packed = None
         merged = self.model.merge_and_unload()
         merged.set_attn_implementation("sdpa")
         merged.save_pretrained(path)

@@ -39,6 +39,8 @@ def unsupported(model: Any) -> str | None:
     for module in _lora_modules(model):
         if module.lora_variant or len(module.active_adapters) != 1 or module.fan_in_fan_out:
             return "a LoRA variant (DoRA), several active adapters or fan_in_fan_out"
+        if any(getattr(module, "lora_bias", {}).values()):
+            return "a bias on LoRA B (lora_bias)"
     return None
 
 
