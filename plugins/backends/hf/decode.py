@@ -1,9 +1,9 @@
 """A decode step of arena's own for Llama-type models, used by the hf backend's sampling loop on a CPU.
 
-At the 32 rows of a GRPO round a decode step multiplies tiny matrices, so its time goes to the number of
-operations more than to arithmetic: transformers' step with peft's LoRA layers runs about 60 a layer (a LoRA path
-of seven for each of q, k, v and o, mask building, cache bookkeeping). This step does the same arithmetic in
-about 30, with the weights packed once per set of adapter weights:
+At the 32 rows of a GRPO round a decode step multiplies small matrices, and much of its time goes to the number
+of operations: transformers' step with peft's LoRA layers makes 17 matrix products and about 430 torch calls a
+layer (a LoRA path for each of q, k, v and o, mask building, cache bookkeeping); this one makes 11 and about
+310, with the weights packed once per set of adapter weights:
 
 - q, k and v as one product, and their LoRA adapters as two more (A matrices stacked, B matrices on a block
   diagonal), in float32 and added before rounding as peft does: the adapter is not merged into the weights,
