@@ -11,7 +11,7 @@ layer (a LoRA path for each of q, k, v and o, mask building, cache bookkeeping);
 - the KV cache in one buffer per layer, allocated for the whole completion and written in place, instead of a
   cache that grows by concatenation every step.
 
-Norms, rotary embedding, MLP and LM head are the model's own modules. tests/test_decode.py holds the step to the
+Norms, rotary embedding, MLP and LM head are the model's own modules and transformers' own functions. tests/test_decode.py holds the step to the
 plain forward pass.
 """
 
@@ -36,18 +36,14 @@ def unsupported(model: Any) -> str | None:
         return "biases in attention or MLP"
     if getattr(config, "sliding_window", None):
         return "sliding-window attention"
-    for module in _lora_modules(model):
+    from peft.tuners.lora import Linear as LoraLinear
+
+    for module in (m for m in model.modules() if isinstance(m, LoraLinear)):
         if module.lora_variant or len(module.active_adapters) != 1 or module.fan_in_fan_out:
             return "a LoRA variant (DoRA), several active adapters or fan_in_fan_out"
         if any(getattr(module, "lora_bias", {}).values()):
             return "a bias on LoRA B (lora_bias)"
     return None
-
-
-def _lora_modules(model: Any) -> list[Any]:
-    from peft.tuners.lora import Linear as LoraLinear
-
-    return [m for m in model.modules() if isinstance(m, LoraLinear)]
 
 
 class Packed:
@@ -57,27 +53,21 @@ class Packed:
     each however many projections share the input."""
 
     def __init__(self, linears: list[Any]):
-        from peft.tuners.lora import Linear as LoraLinear
-
         with torch.no_grad():
             weights = [_base(linear).weight for linear in linears]
             self.weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # one: no copy
-            adapted = [isinstance(m, LoraLinear) and not m.disable_adapters and not m.merged for m in linears]
+            adapters = [_adapter(linear) for linear in linears]
             self.a = self.b = None
-            if any(adapted):
-                parts = [(m.lora_A[m.active_adapters[0]].weight.float(),
-                          m.lora_B[m.active_adapters[0]].weight.float() * m.scaling[m.active_adapters[0]])
-                         if on else None for m, on in zip(linears, adapted)]
-                rank = sum(a.shape[0] for a, _ in filter(None, parts))
-                self.a = torch.cat([a for a, _ in filter(None, parts)])
-                self.b = self.weight.new_zeros(self.weight.shape[0], rank, dtype=torch.float32)
+            if any(adapters):
+                self.a = torch.cat([a for a, _ in filter(None, adapters)])
+                self.b = self.weight.new_zeros(self.weight.shape[0], self.a.shape[0], dtype=torch.float32)
                 row = col = 0
-                for linear, part in zip(linears, parts):
-                    rows = _base(linear).weight.shape[0]
-                    if part is not None:
-                        self.b[row:row + rows, col:col + part[0].shape[0]] = part[1]
-                        col += part[0].shape[0]
-                    row += rows
+                for weight, adapter in zip(weights, adapters):
+                    if adapter is not None:
+                        a, b = adapter
+                        self.b[row:row + weight.shape[0], col:col + a.shape[0]] = b
+                        col += a.shape[0]
+                    row += weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.nn.functional.linear(x, self.weight)
@@ -89,6 +79,16 @@ class Packed:
 
 def _base(linear: Any) -> Any:
     return linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+
+
+def _adapter(linear: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, B x scale) in float32 of the LoRA adapter acting on `linear` now, or None (none, disabled, merged)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(linear, LoraLinear) or linear.disable_adapters or linear.merged:
+        return None
+    name = linear.active_adapters[0]
+    return linear.lora_A[name].weight.float(), linear.lora_B[name].weight.float() * linear.scaling[name]
 
 
 class PackedWeights:
@@ -107,8 +107,11 @@ class Decoder:
     into buffers with room for `new_tokens` more positions."""
 
     def __init__(self, model: Any, weights: PackedWeights, cache: Any, mask: torch.Tensor, new_tokens: int):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
         base = model.get_base_model()
         self.decoder, self.head = base.get_decoder(), base.get_output_embeddings()
+        self.rotary = apply_rotary_pos_emb  # transformers' own, as the model's layers apply it
         self.weights = weights
         config = base.config
         attn = self.decoder.layers[0].self_attn
@@ -138,15 +141,13 @@ class Decoder:
         self.mask[:, at] = True
         mask = self.mask[:, None, None, :self.filled]
         x = self.decoder.embed_tokens(token[:, None])
-        cos, sin = self.decoder.rotary_emb(x, position)
-        cos, sin = cos[:, None], sin[:, None]  # [rows, 1, 1, dim]
+        cos, sin = self.decoder.rotary_emb(x, position)  # [rows, 1, dim]
         for i, layer in enumerate(self.decoder.layers):
             h = layer.input_layernorm(x)
             q, k, v = self.weights.qkv[i](h).split(self.split, dim=-1)
             q = q.view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
             k = k.view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k = self.rotary(q, k, cos, sin)
             self.keys[i][:, :, at:at + 1] = k
             self.values[i][:, :, at:at + 1] = v.view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             out = decode_attention(q, self.keys[i][:, :, :self.filled], self.values[i][:, :, :self.filled], mask,
@@ -154,11 +155,6 @@ class Decoder:
             x = x + self.weights.o[i](out.reshape(rows, 1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.head(self.decoder.norm(x))[:, -1]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
